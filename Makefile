@@ -1,0 +1,25 @@
+# One-command entry points (see README): `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench-latency clean
+
+$(BIN)/edgerec: setup.py pyproject.toml $(wildcard edge_runtime/*.py trainer/*.py)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet '.[trainer,test]'
+	touch $@
+
+install: $(BIN)/edgerec
+
+demo: install
+	$(BIN)/edgerec demo
+
+test: install
+	$(BIN)/pytest -q tests
+
+bench-latency: install
+	$(BIN)/python bench/bench_latency.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info edgerec-demo

@@ -1,0 +1,24 @@
+"""Bounds on every network-facing resource, with the reason beside each number."""
+
+DEFAULT_HOST = "127.0.0.1"   # loopback by default: exposing the daemon is an explicit choice
+DEFAULT_PORT = 7700
+
+# A recommend request with a 1,000-item history is ~20 KB; 1 MiB leaves room for large track_batch calls while
+# bounding what one connection can make the daemon buffer.
+MAX_FRAME_BYTES = 1 << 20    # bytes
+# Requests one connection may have in flight before the daemon stops reading from it (back-pressure, not errors).
+MAX_INFLIGHT_PER_CONNECTION = 64
+# Larger k is not a recommendation any more but a catalog dump; the scan cost is the same, the reply is not.
+MAX_K = 1000
+# history sent inline in a recommend call; the encoder reads only the last max_len (50) anyway.
+MAX_HISTORY = 1000
+MAX_BATCH_EVENTS = 10_000    # events in one track_batch
+MAX_ID_CHARS = 256           # user / item id length
+# Per-user session: ring of the most recent events. The encoder reads 50; the rest feeds exclude_seen.
+SESSION_EVENTS = 200
+MAX_SESSIONS = 100_000       # users kept in memory (LRU); ~200 events x ~100 B each at most per user
+CACHE_ENTRIES = 50_000       # cached recommend results (LRU)
+SCORING_THREADS = 2          # threads that run encoder + scan; both release the GIL
+# After a fatal protocol error the daemon sends the error and EOF, then discards input this long before closing, so
+# the client reads the error rather than a TCP reset caused by its own unread bytes.
+LINGER_SECONDS = 2.0         # s

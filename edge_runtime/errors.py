@@ -1,0 +1,71 @@
+"""edgerec's exceptions. Each also derives from the builtin a caller would catch (ValueError, RuntimeError).
+
+Errors that reach a client travel as MessagePack-RPC error objects ``{"code": int, "name": str, "message": str}``;
+the codes follow JSON-RPC 2.0's reserved range where one fits, so existing tooling reads them.
+"""
+from __future__ import annotations
+
+PARSE_ERROR = -32700      # bytes that are not MessagePack (the connection is closed after the reply)
+INVALID_REQUEST = -32600  # MessagePack, but not a msgpack-rpc request / notification
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+FRAME_TOO_LARGE = -32001  # a frame over const.MAX_FRAME_BYTES (the connection is closed after the reply)
+OVERLOADED = -32002       # too many requests in flight
+MODEL_NOT_LOADED = -32003
+
+
+class EdgeRuntimeError(Exception):
+    """Base class of every edgerec error."""
+
+    code = INTERNAL_ERROR
+
+    def to_wire(self) -> dict:
+        """The msgpack-rpc error object."""
+        return {"code": self.code, "name": type(self).__name__, "message": str(self)}
+
+
+class ProtocolError(ValueError, EdgeRuntimeError):
+    """A frame is not a valid msgpack-rpc message."""
+
+    code = INVALID_REQUEST
+
+
+class ParseError(ProtocolError):
+    """Bytes that are not MessagePack."""
+
+    code = PARSE_ERROR
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame exceeds the configured maximum size."""
+
+    code = FRAME_TOO_LARGE
+
+
+class MethodNotFound(ProtocolError):
+    """The request names a method the daemon does not have."""
+
+    code = METHOD_NOT_FOUND
+
+
+class InvalidParams(ValueError, EdgeRuntimeError):
+    """Missing, unknown or mistyped parameters; the message names the parameter."""
+
+    code = INVALID_PARAMS
+
+
+class Overloaded(RuntimeError, EdgeRuntimeError):
+    """The daemon has too many requests in flight; retry later."""
+
+    code = OVERLOADED
+
+
+class BundleError(ValueError, EdgeRuntimeError):
+    """A model bundle is missing, malformed or fails its checksums; the message names the file."""
+
+
+class ModelNotLoadedError(RuntimeError, EdgeRuntimeError):
+    """No model is loaded."""
+
+    code = MODEL_NOT_LOADED

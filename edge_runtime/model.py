@@ -1,0 +1,170 @@
+"""A loaded model bundle: ONNX session encoder, item matrices, item-id table, filters, popularity.
+
+A ``Model`` is immutable once loaded, so a request that took a reference to it finishes on it even if the daemon
+swaps in another one meanwhile.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import bundle as bundle_mod
+from . import scoring
+from .errors import BundleError
+
+log = logging.getLogger(__name__)
+
+
+class Encoder:
+    """ONNX Runtime session encoder: ``item_seq`` int64 [B, L] -> ``user_vec`` float32 [B, d].
+
+    Args:
+        path: ONNX file.
+        threads: intra-op threads per call (1 suits a daemon that runs calls in parallel threads).
+    Raises:
+        BundleError: the file cannot be loaded by ONNX Runtime.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
+            raise BundleError(f"{path}: ONNX Runtime cannot load the encoder: {exc}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def __call__(self, item_seq: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: item_seq})[0]
+
+
+class Model:
+    """A verified bundle ready to serve.
+
+    Attributes:
+        version: the manifest's model_version.
+        item_ids: external id (str) by item row; ``index`` maps id -> row.
+        items / scales: the item matrix scanned by ``topk`` (int8 + float32 scales, or float32 with scales None).
+        max_len: the encoder's window L.
+    """
+
+    def __init__(self, bundle_dir: str | os.PathLike, precision: str = "int8", verify: bool = True,
+                 threads: int = 1):
+        if precision not in ("int8", "fp32"):
+            raise ValueError(f"precision must be 'int8' or 'fp32', got {precision!r}")
+        t0 = time.perf_counter()
+        self.path = Path(bundle_dir)
+        self.manifest = bundle_mod.load_manifest(self.path, verify=verify)
+        self.version = str(self.manifest.get("model_version", "unknown"))
+        self.precision = precision
+        info = self.manifest.get("model", {})
+        self.max_len = int(info.get("max_len", 50))
+        load = lambda name: np.load(self.path / name, allow_pickle=False)  # noqa: E731
+        try:
+            if precision == "int8":
+                self.items, self.scales = load("items.i8.npy"), load("items.scale.npy").astype(np.float32)
+                self.encoder = Encoder(self.path / "encoder.int8.onnx", threads)
+            else:
+                self.items, self.scales = load("items.f32.npy").astype(np.float32), None
+                self.encoder = Encoder(self.path / ("encoder.onnx" if (self.path / "encoder.onnx").is_file()
+                                                    else "encoder.int8.onnx"), threads)
+            with open(self.path / "item_ids.json", "r", encoding="utf-8") as f:
+                self.item_ids = [str(x) for x in json.load(f)]
+            self.popularity = load("popularity.npy").astype(np.float32)
+            self.attr_indptr = self.attr_values = None
+            if (self.path / "item_attr_indptr.npy").is_file():
+                self.attr_indptr = load("item_attr_indptr.npy")
+                with open(self.path / "item_attr_values.json", "r", encoding="utf-8") as f:
+                    self.attr_values = np.asarray([str(v) for v in json.load(f)], dtype=object)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{self.path}: cannot read bundle arrays: {exc}") from None
+        n = len(self.item_ids)
+        if self.items.shape[0] != n or self.popularity.shape != (n,):
+            raise BundleError(f"{self.path}: item matrix has {self.items.shape[0]} rows, popularity "
+                              f"{self.popularity.shape[0]}, item_ids {n}: they must agree")
+        self.index = {item: row for row, item in enumerate(self.item_ids)}
+        # [N, 1] float32 so the popularity list runs through the same top-k scan (and filters) as model scores.
+        self.popularity_column = np.ascontiguousarray(self.popularity.reshape(-1, 1))
+        self.dim = int(self.items.shape[1])
+        self._attr_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._attr_lock = threading.Lock()
+        self.warmup_us = self._warmup()
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def _warmup(self) -> float:
+        """Run the encoder and a scan once (first calls allocate); returns the warm call's time in µs."""
+        seq = np.zeros((1, self.max_len), dtype=np.int64)
+        seq[0, -1] = 1
+        u = self.encoder(seq)
+        if u.shape != (1, self.dim) or not np.all(np.isfinite(u)):
+            raise BundleError(f"{self.path}: encoder returned {u.shape} (expected (1, {self.dim})) or non-finite")
+        t0 = time.perf_counter()
+        scoring.topk(self.encoder(seq)[0], self.items, 10, item_scales=self.scales)
+        return (time.perf_counter() - t0) * 1e6
+
+    def rows(self, items: Iterable[str]) -> tuple[list[int], list[str]]:
+        """External ids -> (known rows in order, unknown ids in order, deduplicated)."""
+        known, unknown = [], []
+        for it in items:
+            r = self.index.get(it)
+            if r is None:
+                if it not in unknown:
+                    unknown.append(it)
+            else:
+                known.append(r)
+        return known, unknown
+
+    def encode(self, rows: Sequence[int]) -> np.ndarray:
+        """Item rows (oldest first) -> user vector float32 [d] from the last ``max_len`` of them."""
+        seq = np.zeros((1, self.max_len), dtype=np.int64)
+        tail = np.asarray(rows[-self.max_len:], dtype=np.int64) + 1
+        seq[0, self.max_len - len(tail):] = tail
+        return self.encoder(seq)[0]
+
+    def attribute_mask(self, values: tuple[str, ...]) -> np.ndarray:
+        """Packed allow-bitset of items having any of the attribute ``values`` (LRU-cached per value set)."""
+        with self._attr_lock:
+            hit = self._attr_masks.get(values)
+            if hit is not None:
+                self._attr_masks.move_to_end(values)
+                return hit
+        mask = np.zeros(self.num_items, dtype=bool)
+        if self.attr_indptr is not None:
+            hits = np.isin(self.attr_values, np.asarray(values, dtype=object))
+            owners = np.repeat(np.arange(self.num_items), np.diff(self.attr_indptr))
+            mask[owners[hits]] = True
+        bits = scoring.pack_mask(mask)
+        with self._attr_lock:
+            self._attr_masks[values] = bits
+            while len(self._attr_masks) > 256:
+                self._attr_masks.popitem(last=False)
+        return bits
+
+    def summary(self) -> dict:
+        m = self.manifest
+        test = m.get("metrics", {}).get("test", {})
+        return {"model_version": self.version, "created_at": m.get("created_at"), "precision": self.precision,
+                "num_items": self.num_items, "dim": self.dim, "max_len": self.max_len,
+                "architecture": m.get("model", {}).get("architecture"),
+                "dataset": {k: m.get("dataset", {}).get(k) for k in ("path", "format", "fingerprint")},
+                "metrics": {name: {k: v for k, v in vals.items() if k in ("HR@10", "NDCG@10")}
+                            for name, vals in test.items()},
+                "has_attributes": self.attr_indptr is not None, "bundle": str(self.path),
+                "files": sorted(m.get("files", {}))}

@@ -1,0 +1,294 @@
+"""MessagePack-RPC over TCP and Unix sockets (asyncio), and the daemon's lifecycle.
+
+Wire format: the MessagePack-RPC spec (github.com/msgpack-rpc/msgpack-rpc, spec.md):
+request ``[0, msgid, method, params]``, response ``[1, msgid, error, result]``, notification
+``[2, method, params]``. ``params`` is an array holding one map of named parameters (an empty array, or a bare map,
+is accepted too). Errors are maps ``{code, name, message}`` (codes in ``errors.py``). Responses may come out of
+order; match them by msgid.
+
+Robustness: one ``msgpack.Unpacker`` per connection with ``max_buffer_size`` = ``const.MAX_FRAME_BYTES``, so no
+client makes the daemon buffer more than that. A frame that is too large, or bytes that are not MessagePack, get an
+error reply with msgid nil and the connection is closed (the stream cannot be re-synchronized). A well-formed
+frame that is not a valid request gets an error reply (with its msgid when one can be read) and the connection stays
+open. A handler exception becomes an error reply carrying the request's msgid. Nothing a client sends can stop the
+daemon or affect another connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from typing import Any
+
+import msgpack
+
+from . import const, scoring
+from .errors import INTERNAL_ERROR, EdgeRuntimeError, FrameTooLarge, InvalidParams, ParseError, ProtocolError
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
+
+
+def _params_map(params: Any) -> dict:
+    if isinstance(params, dict):
+        return params
+    if isinstance(params, (list, tuple)):
+        if len(params) == 0:
+            return {}
+        if len(params) == 1 and isinstance(params[0], dict):
+            return params[0]
+    raise InvalidParams("params must be an array holding one map of named parameters, e.g. [{\"k\": 10}]")
+
+
+class RpcConnection(asyncio.Protocol):
+    """One client connection: framing -> dispatch -> reply. Handlers run as tasks so replies may interleave."""
+
+    def __init__(self, server: "RpcServer"):
+        self.server = server
+        self.service = server.service
+        self.transport: asyncio.Transport | None = None
+        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=server.max_frame_bytes, strict_map_key=False)
+        self.inflight = 0
+        self.paused = False
+        self.closed = False
+        self.discarding = False
+        self._linger: asyncio.TimerHandle | None = None
+        # The Unpacker parses incrementally (max_buffer_size bounds unparsed bytes, not a frame), so the frame size
+        # is tracked here: bytes fed so far minus the stream offset where the current frame started.
+        self.fed = 0
+        self.frame_start = 0
+
+    # -- transport callbacks ---------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._linger is not None:
+            self._linger.cancel()
+        self.server.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.discarding:
+            return
+        limit = self.server.max_frame_bytes
+        too_large = FrameTooLarge(f"frame larger than {limit} bytes; split the request (e.g. fewer events per "
+                                  f"track_batch); closing")
+        self.fed += len(data)
+        try:
+            self.unpacker.feed(data)
+        except msgpack.BufferFull:
+            self._fatal(too_large)
+            return
+        while not self.closed and not self.discarding:
+            try:
+                msg = next(self.unpacker)
+            except StopIteration:
+                if self.fed - self.frame_start > limit:
+                    self._fatal(too_large)
+                break
+            except msgpack.BufferFull:
+                self._fatal(too_large)
+                return
+            except Exception as exc:  # ExtraData, FormatError, StackError, ValueError: not MessagePack
+                self._fatal(ParseError(f"bytes are not a valid MessagePack frame ({type(exc).__name__}); closing"))
+                return
+            end = self.unpacker.tell()
+            size, self.frame_start = end - self.frame_start, end
+            if size > limit:
+                self._fatal(too_large)
+                return
+            self._dispatch(msg)
+
+    # -- dispatch ----------------------------------------------------------------------------------------------
+    def _dispatch(self, msg: Any) -> None:
+        self.server.received += 1
+        if not isinstance(msg, (list, tuple)):
+            self._fatal(ProtocolError(f"a msgpack-rpc message is an array, got {type(msg).__name__}; closing"))
+            return
+        kind = msg[0] if msg else None
+        if kind == REQUEST and len(msg) == 4 and isinstance(msg[1], int) and not isinstance(msg[1], bool):
+            _, msgid, method, params = msg
+            self._run(msgid, method, params)
+        elif kind == NOTIFICATION and len(msg) == 3:
+            _, method, params = msg
+            self._run(None, method, params)
+        else:
+            msgid = msg[1] if (kind == REQUEST and len(msg) > 1 and isinstance(msg[1], int)
+                               and not isinstance(msg[1], bool)) else None
+            self._reply(msgid, ProtocolError(
+                "expected [0, msgid:int, method:str, params:array] or [2, method:str, params:array], "
+                f"got an array of {len(msg)} element(s) starting with {kind!r}").to_wire(), None)
+
+    def _run(self, msgid: int | None, method: Any, params: Any) -> None:
+        try:
+            handler, is_async = self.service.lookup(method)
+            p = _params_map(params)
+            self.service.requests[method] = self.service.requests.get(method, 0) + 1
+            if not is_async:
+                self._finish(msgid, handler(p), None)
+                return
+        except EdgeRuntimeError as exc:
+            self._finish(msgid, None, exc)
+            return
+        except Exception as exc:  # a bug in a handler must not take the connection down
+            log.exception("handler %r failed", method)
+            self._finish(msgid, None, exc)
+            return
+        task = asyncio.ensure_future(handler(p))
+        self.server.tasks.add(task)
+        self.inflight += 1
+        if self.inflight >= self.server.max_inflight and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        task.add_done_callback(lambda t, msgid=msgid, method=method: self._task_done(t, msgid, method))
+
+    def _task_done(self, task: asyncio.Task, msgid: int | None, method: str) -> None:
+        self.server.tasks.discard(task)
+        self.inflight -= 1
+        if self.paused and self.inflight < self.server.max_inflight // 2 and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+        if task.cancelled():
+            self._finish(msgid, None, EdgeRuntimeError("request cancelled: the daemon is shutting down"))
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, EdgeRuntimeError):
+            log.error("handler %r failed: %r", method, exc, exc_info=exc)
+        self._finish(msgid, None if exc else task.result(), exc)
+
+    def _finish(self, msgid: int | None, result: Any, exc: BaseException | None) -> None:
+        if exc is not None:
+            wire = exc.to_wire() if isinstance(exc, EdgeRuntimeError) else {
+                "code": INTERNAL_ERROR, "name": "InternalError", "message": f"internal error: {type(exc).__name__}"}
+            self.service.errors[wire["code"]] = self.service.errors.get(wire["code"], 0) + 1
+        else:
+            wire = None
+        if msgid is not None:
+            self._reply(msgid, wire, result if exc is None else None)
+
+    def _reply(self, msgid: int | None, error: Any, result: Any) -> None:
+        if self.closed or self.discarding or self.transport is None or self.transport.is_closing():
+            return
+        try:
+            self.transport.write(msgpack.packb([RESPONSE, msgid, error, result], use_bin_type=True))
+        except Exception:  # an unserializable result is a bug: report it instead of dropping the reply
+            log.exception("cannot encode reply to msgid %r", msgid)
+            self.transport.write(msgpack.packb([RESPONSE, msgid, {"code": INTERNAL_ERROR, "name": "InternalError",
+                                                                  "message": "reply could not be encoded"}, None]))
+
+    def _fatal(self, exc: EdgeRuntimeError) -> None:
+        """Reply with msgid nil and close: used when the byte stream cannot be trusted any more.
+
+        A lingering close: send the reply and EOF, discard what the client still sends for up to
+        ``const.LINGER_SECONDS``, then close, so the client reads the error instead of a connection reset."""
+        log.info("closing connection: %s", exc)
+        self.service.errors[exc.code] = self.service.errors.get(exc.code, 0) + 1
+        self._reply(None, exc.to_wire(), None)
+        self.discarding = True
+        self.unpacker = None
+        if self.transport is None:
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(const.LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()
+
+
+class RpcServer:
+    """Listeners (TCP and/or Unix) for a Service, with graceful shutdown."""
+
+    def __init__(self, service: Service, max_frame_bytes: int = const.MAX_FRAME_BYTES,
+                 max_inflight: int = const.MAX_INFLIGHT_PER_CONNECTION):
+        self.service = service
+        self.max_frame_bytes = max_frame_bytes
+        self.max_inflight = max_inflight
+        self.connections: set[RpcConnection] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.addresses: list[str] = []
+        self.received = 0
+
+    async def start(self, host: str | None = const.DEFAULT_HOST, port: int | None = const.DEFAULT_PORT,
+                    unix: str | None = None) -> list[str]:
+        """Bind the listeners; returns their addresses (``tcp://host:port``, ``unix:///path``)."""
+        loop = asyncio.get_running_loop()
+        factory = lambda: RpcConnection(self)  # noqa: E731
+        if port is not None:
+            srv = await loop.create_server(factory, host, port, reuse_address=True)
+            self.servers.append(srv)
+            for sock in srv.sockets:
+                addr = sock.getsockname()
+                self.addresses.append(f"tcp://{addr[0]}:{addr[1]}" if sock.family == socket.AF_INET
+                                      else f"tcp://[{addr[0]}]:{addr[1]}")
+        if unix is not None:
+            try:
+                if stat.S_ISSOCK(os.stat(unix).st_mode):
+                    os.unlink(unix)  # a stale socket from a previous run
+            except FileNotFoundError:
+                pass
+            srv = await loop.create_unix_server(factory, unix)
+            os.chmod(unix, 0o660)
+            self.servers.append(srv)
+            self.addresses.append(f"unix://{unix}")
+        return self.addresses
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish (at most ``timeout`` s), then close connections."""
+        for srv in self.servers:
+            srv.close()
+        deadline = time.monotonic() + timeout
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.wait(list(self.tasks), timeout=max(0.0, deadline - time.monotonic()))
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.sleep(0)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        for srv in self.servers:
+            await srv.wait_closed()
+
+
+async def serve(service: Service, host: str | None, port: int | None, unix: str | None,
+                ready_callback=None, drain_timeout: float = 10.0) -> None:
+    """Run until SIGTERM / SIGINT, then drain and return."""
+    server = RpcServer(service)
+    addresses = await server.start(host, port, unix)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    m = service.model
+    log.info("serving model %s (%s, %d items, scoring: %s) on %s", m.version, m.precision, m.num_items,
+             scoring.IMPLEMENTATION, ", ".join(addresses))
+    if ready_callback is not None:
+        ready_callback(addresses)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: draining %d in-flight request(s)", len(server.tasks))
+        await server.shutdown(drain_timeout)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+        if unix is not None:
+            try:
+                os.unlink(unix)
+            except OSError:
+                pass
+        service.executor.shutdown(wait=True)
+        log.info("stopped")

@@ -1,0 +1,278 @@
+"""The recommender service: parameter validation and the methods of the MessagePack-RPC API.
+
+Handlers never see bytes (that is ``server.py``'s job) and never raise anything but ``EdgeRuntimeError`` subclasses
+for bad input; the server turns those into msgpack-rpc error objects.
+
+Methods (params: one map):
+
+* ``recommend {user?, history?, k=10, exclude_seen=true, filters?}`` -> ``{items, scores, model_version, ignored,
+  source}``. Context = ``history`` (oldest first) then the user's live session. ``source`` is ``"model"`` or
+  ``"popularity"`` (no known item in the context). ``filters``: ``category`` (attribute value or list: keep items
+  having any), ``exclude`` (item ids never to return).
+* ``track {user, item, event: view|cart|purchase, ts?}`` -> ``{ok: true}``; ``track_batch {events: [...]}`` ->
+  ``{ok: true, count}`` (validated as a whole first: one bad event rejects the batch, nothing half-applied).
+* ``set_availability {items: [...], in_stock: bool}`` -> ``{ok: true, out_of_stock}``: out-of-stock items are never
+  recommended (an allow-mask in the scan).
+* ``health`` -> ``{status, model_version, uptime_s, ...}``; ``model_info`` -> the manifest summary.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from . import const, scoring
+from .errors import InvalidParams, MethodNotFound, ModelNotLoadedError
+from .model import Model
+from .session import EVENTS, ResultCache, SessionStore
+
+log = logging.getLogger(__name__)
+
+_ONE = np.ones(1, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+def _type_name(v: Any) -> str:
+    return "nil" if v is None else type(v).__name__
+
+
+def as_id(v: Any, name: str) -> str:
+    """A user / item id: str, or int (normalized to its decimal string). bool, float and others are rejected."""
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise InvalidParams(f"'{name}' must be a string or an integer id, got {_type_name(v)}")
+    s = v if isinstance(v, str) else str(v)
+    if not s or len(s) > const.MAX_ID_CHARS:
+        raise InvalidParams(f"'{name}' must be 1 to {const.MAX_ID_CHARS} characters long, got {len(s)}")
+    return s
+
+
+def as_id_list(v: Any, name: str, max_len: int) -> list[str]:
+    if not isinstance(v, (list, tuple)):
+        raise InvalidParams(f"'{name}' must be an array of item ids, got {_type_name(v)}")
+    if len(v) > max_len:
+        raise InvalidParams(f"'{name}' holds {len(v)} ids; at most {max_len} are accepted")
+    return [as_id(x, f"{name}[{i}]") for i, x in enumerate(v)]
+
+
+def as_int(v: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidParams(f"'{name}' must be an integer, got {_type_name(v)}")
+    if not lo <= v <= hi:
+        raise InvalidParams(f"'{name}' must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def as_bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise InvalidParams(f"'{name}' must be true or false, got {_type_name(v)}")
+    return v
+
+
+def as_ts(v: Any, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+        raise InvalidParams(f"'{name}' must be a unix time in seconds (a non-negative number), got {v!r}")
+    return float(v)
+
+
+def check_keys(p: dict, allowed: tuple[str, ...], required: tuple[str, ...], where: str) -> None:
+    unknown = [k for k in p if k not in allowed]
+    if unknown:
+        raise InvalidParams(f"{where}: unknown parameter(s) {unknown!r}; allowed: {list(allowed)}")
+    for k in required:
+        if k not in p:
+            raise InvalidParams(f"{where}: missing required parameter '{k}'")
+
+
+def as_event(p: dict, where: str) -> tuple[str, str, str, float | None]:
+    if not isinstance(p, dict):
+        raise InvalidParams(f"{where} must be a map {{user, item, event, ts?}}, got {_type_name(p)}")
+    check_keys(p, ("user", "item", "event", "ts"), ("user", "item", "event"), where)
+    event = p["event"]
+    if event not in EVENTS:
+        raise InvalidParams(f"{where}: 'event' must be one of {list(EVENTS)}, got {event!r}")
+    ts = as_ts(p["ts"], "ts") if p.get("ts") is not None else None
+    return as_id(p["user"], "user"), as_id(p["item"], "item"), event, ts
+
+
+# ---------------------------------------------------------------------------------------------------- service
+class Service:
+    """The daemon's state: current model, sessions, result cache, availability, counters.
+
+    Args:
+        model: the loaded bundle (swap with ``swap_model``).
+        executor: threads that run encoder calls and scans (both release the GIL).
+    """
+
+    def __init__(self, model: Model, executor: concurrent.futures.Executor | None = None,
+                 max_sessions: int = const.MAX_SESSIONS, session_events: int = const.SESSION_EVENTS,
+                 cache_entries: int = const.CACHE_ENTRIES):
+        self.model = model
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(const.SCORING_THREADS,
+                                                                          thread_name_prefix="score")
+        self.sessions = SessionStore(max_sessions, session_events)
+        self.cache = ResultCache(cache_entries)
+        self.out_of_stock: set[str] = set()
+        self._stock_mask: tuple[str, int, np.ndarray | None] | None = None
+        self._stock_version = 0
+        self.started = time.time()
+        self.requests: dict[str, int] = {}
+        self.errors: dict[int, int] = {}
+        self.methods: dict[str, tuple[Callable, bool]] = {
+            "recommend": (self.recommend, True),
+            "track": (self.track, False),
+            "track_batch": (self.track_batch, False),
+            "set_availability": (self.set_availability, False),
+            "health": (self.health, False),
+            "model_info": (self.model_info, False),
+        }
+
+    def lookup(self, method: Any) -> tuple[Callable, bool]:
+        """(handler, is_async) for a method name.
+
+        Raises:
+            MethodNotFound: unknown or non-string method.
+        """
+        if not isinstance(method, str):
+            raise MethodNotFound(f"method must be a string, got {_type_name(method)}")
+        try:
+            return self.methods[method]
+        except KeyError:
+            raise MethodNotFound(f"unknown method {method[:64]!r}; methods: {sorted(self.methods)}") from None
+
+    def swap_model(self, model: Model) -> None:
+        """Serve ``model`` from now on; requests already running finish on the model they started with."""
+        old, self.model = self.model, model
+        self.cache.clear()
+        log.info("model %s -> %s", old.version if old else None, model.version)
+
+    # -- recommend -------------------------------------------------------------------------------------------
+    def _allow_mask(self, model: Model, categories: tuple[str, ...] | None) -> np.ndarray | None:
+        """Packed allow-bitset: in stock AND (any of ``categories`` when given); None when everything passes."""
+        mask = None
+        if self.out_of_stock:
+            key = (model.version, self._stock_version)
+            if self._stock_mask is None or self._stock_mask[:2] != key:
+                ok = np.ones(model.num_items, dtype=bool)
+                rows, _ = model.rows(self.out_of_stock)
+                ok[rows] = False
+                self._stock_mask = (*key, scoring.pack_mask(ok))
+            mask = self._stock_mask[2]
+        if categories is not None:
+            cat = model.attribute_mask(categories)
+            mask = cat if mask is None else np.bitwise_and(mask, cat)
+        return mask
+
+    @staticmethod
+    def _parse_filters(f: Any, model: Model) -> tuple[tuple[str, ...] | None, list[str]]:
+        if f is None:
+            return None, []
+        if not isinstance(f, dict):
+            raise InvalidParams(f"'filters' must be a map, got {_type_name(f)}")
+        check_keys(f, ("category", "exclude"), (), "filters")
+        categories = None
+        if "category" in f:
+            c = f["category"]
+            values = c if isinstance(c, (list, tuple)) else [c]
+            if not values:
+                raise InvalidParams("'filters.category' must name at least one category")
+            categories = tuple(sorted(set(as_id_list(values, "filters.category", const.MAX_HISTORY))))
+            if model.attr_indptr is None:
+                raise InvalidParams("'filters.category': the loaded model has no item attributes")
+        exclude = as_id_list(f.get("exclude", []), "filters.exclude", const.MAX_HISTORY)
+        return categories, exclude
+
+    async def recommend(self, p: dict) -> dict:
+        check_keys(p, ("user", "history", "k", "exclude_seen", "filters"), (), "recommend")
+        user = as_id(p["user"], "user") if p.get("user") is not None else None
+        history = as_id_list(p["history"], "history", const.MAX_HISTORY) if p.get("history") is not None else None
+        k = as_int(p.get("k", 10), "k", 1, const.MAX_K)
+        exclude_seen = as_bool(p.get("exclude_seen", True), "exclude_seen")
+        model = self.model
+        if model is None:
+            raise ModelNotLoadedError("no model is loaded")
+        categories, exclude_ids = self._parse_filters(p.get("filters"), model)
+        session = self.sessions.get(user) if user is not None else None
+        cache_key = None
+        if user is not None and history is None:
+            cache_key = (k, exclude_seen, categories, tuple(exclude_ids), self._stock_version)
+            hit = self.cache.get(user, cache_key, session.version if session else 0, model.version)
+            if hit is not None:
+                return hit
+        context = (history or []) + (session.items() if session is not None else [])
+        rows, ignored = model.rows(context)
+        excl_rows, _ = model.rows(exclude_ids)
+        if exclude_seen:
+            excl_rows = excl_rows + rows
+        allow = self._allow_mask(model, categories)
+        loop = asyncio.get_running_loop()
+        ids, scores = await loop.run_in_executor(self.executor, _score, model, rows, k, excl_rows, allow)
+        result = {"items": [model.item_ids[i] for i in ids], "scores": scores.tolist(),
+                  "model_version": model.version, "ignored": ignored,
+                  "source": "model" if rows else "popularity"}
+        if cache_key is not None:
+            # Only cache if no event arrived for this user while scoring ran.
+            now = self.sessions.get(user)
+            if (now.version if now else 0) == (session.version if session else 0):
+                self.cache.put(user, cache_key, now.version if now else 0, model.version, result)
+        return result
+
+    # -- events ----------------------------------------------------------------------------------------------
+    def _apply(self, user: str, item: str, event: str, ts: float | None) -> None:
+        self.sessions.track(user, item, event, ts)
+        self.cache.invalidate(user)
+
+    def track(self, p: dict) -> dict:
+        user, item, event, ts = as_event(p, "track")
+        self._apply(user, item, event, ts)
+        return {"ok": True}
+
+    def track_batch(self, p: dict) -> dict:
+        check_keys(p, ("events",), ("events",), "track_batch")
+        events = p["events"]
+        if not isinstance(events, (list, tuple)):
+            raise InvalidParams(f"'events' must be an array of {{user, item, event, ts?}}, got {_type_name(events)}")
+        if len(events) > const.MAX_BATCH_EVENTS:
+            raise InvalidParams(f"'events' holds {len(events)} events; at most {const.MAX_BATCH_EVENTS} per batch")
+        parsed = [as_event(e, f"events[{i}]") for i, e in enumerate(events)]
+        for ev in parsed:
+            self._apply(*ev)
+        return {"ok": True, "count": len(parsed)}
+
+    def set_availability(self, p: dict) -> dict:
+        check_keys(p, ("items", "in_stock"), ("items", "in_stock"), "set_availability")
+        items = as_id_list(p["items"], "items", const.MAX_BATCH_EVENTS)
+        if as_bool(p["in_stock"], "in_stock"):
+            self.out_of_stock.difference_update(items)
+        else:
+            self.out_of_stock.update(items)
+        self._stock_version += 1
+        return {"ok": True, "out_of_stock": len(self.out_of_stock)}
+
+    # -- introspection ---------------------------------------------------------------------------------------
+    def health(self, p: dict) -> dict:
+        check_keys(p, (), (), "health")
+        m = self.model
+        return {"status": "ok" if m is not None else "no_model", "model_version": m.version if m else None,
+                "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions),
+                "cache_entries": len(self.cache), "scoring": scoring.IMPLEMENTATION,
+                "precision": m.precision if m else None}
+
+    def model_info(self, p: dict) -> dict:
+        check_keys(p, (), (), "model_info")
+        if self.model is None:
+            raise ModelNotLoadedError("no model is loaded")
+        return self.model.summary()
+
+
+def _score(model: Model, rows: list[int], k: int, exclude: list[int], allow: np.ndarray | None):
+    """Encoder + exact top-k scan (runs in a scoring thread). No known context -> popularity list through the
+    same scan, so filters apply to it too."""
+    excl = np.asarray(exclude, dtype=np.int64) if exclude else None
+    if rows:
+        u = model.encode(rows)
+        return scoring.topk(u, model.items, k, item_scales=model.scales, exclude=excl, allow=allow)
+    return scoring.topk(_ONE, model.popularity_column, k, exclude=excl, allow=allow)

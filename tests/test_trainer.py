@@ -1,0 +1,99 @@
+"""SASRec model, ONNX export and int8 quantization."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edge_runtime.model import Encoder
+from trainer.config import TrainConfig
+from trainer.export import export_onnx, quantize_int8
+from trainer.model import SASRec
+
+
+def test_trimmed_batch_equals_padded_and_causality():
+    torch.manual_seed(0)
+    m = SASRec(50, max_len=10, hidden=16, blocks=2, heads=2, dropout=0.0).eval()
+    seq = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 4, 5], [0, 0, 0, 0, 0, 0, 0, 0, 7, 8]])
+    full = m.encode(seq)
+    trimmed = m.encode(seq[:, -3:])
+    torch.testing.assert_close(full[:, -3:], trimmed, rtol=1e-5, atol=1e-5)
+    # causal: the state at position i does not depend on later items
+    other = seq.clone()
+    other[0, -1] = 9
+    torch.testing.assert_close(m.encode(other)[0, :-1], full[0, :-1])
+    assert not torch.allclose(m(other)[0], m(seq)[0])
+    assert m(seq).shape == (2, 16) and torch.isfinite(m(seq)).all()
+
+
+def test_onnx_export_matches_pytorch_and_int8_is_close(tmp_path):
+    torch.manual_seed(1)
+    m = SASRec(200, max_len=20, hidden=32, blocks=2, heads=2, dropout=0.1).eval()
+    export_onnx(m, tmp_path / "e.onnx", 20)
+    quantize_int8(tmp_path / "e.onnx", tmp_path / "e8.onnx")
+    rng = np.random.default_rng(0)
+    seq = np.zeros((8, 20), np.int64)
+    for i in range(8):
+        n = rng.integers(1, 21)
+        seq[i, 20 - n:] = rng.integers(1, 201, n)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(seq)).numpy()
+    np.testing.assert_allclose(Encoder(tmp_path / "e.onnx")(seq), ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(Encoder(tmp_path / "e.onnx")(seq[:, -5:]),
+                               m(torch.from_numpy(np.pad(seq[:, -5:], ((0, 0), (15, 0))))).detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
+    out8 = Encoder(tmp_path / "e8.onnx")(seq)
+    cos = (out8 * ref).sum(1) / np.linalg.norm(out8, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.99
+    assert (tmp_path / "e8.onnx").stat().st_size < (tmp_path / "e.onnx").stat().st_size
+
+
+def test_tiny_bundle_int8_close_to_fp32(tiny_manifest):
+    test = tiny_manifest["metrics"]["test"]
+    f32, i8 = test["pytorch_fp32"]["NDCG@10"], test["onnx_int8"]["NDCG@10"]
+    assert abs(i8 - f32) / f32 < 0.05
+    # chance level is HR@10 = 10 / N; a broken export or id mapping lands there, a trained model far above it
+    chance = 10 / tiny_manifest["model"]["num_items"]
+    assert test["pytorch_fp32"]["HR@10"] > 5 * chance and test["onnx_int8"]["HR@10"] > 5 * chance
+
+
+def test_config_rejects_unknown_and_invalid(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[train]\nhiden = 64\n")
+    with pytest.raises(ValueError, match="unknown config key"):
+        TrainConfig.from_toml(p)
+    p.write_text("[train]\ndropout = 1.5\n")
+    with pytest.raises(ValueError, match="'dropout'"):
+        TrainConfig.from_toml(p)
+    p.write_text("[train]\nhidden = 48\nepochs = 3\n")
+    assert TrainConfig.from_toml(p, epochs=7).epochs == 7 and TrainConfig.from_toml(p).hidden == 48
+
+
+def test_daemon_modules_do_not_import_torch():
+    code = ("import sys, edge_runtime.cli, edge_runtime.server, edge_runtime.service, edge_runtime.model, "
+            "edge_runtime.client; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_train_on_a_table(tmp_path):
+    """`edgerec train` end to end on a small CSV with event types and categories (Taobao-like columns)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(120):
+        start = rng.integers(0, 60)
+        for j, t in enumerate(range(start, start + rng.integers(4, 12))):
+            rows.append(f"{u},{t % 80},{t % 7},{['pv', 'cart', 'buy'][j % 3]},{1600000000 + j * 60}")
+    p = tmp_path / "log.csv"
+    p.write_text("\n".join(rows) + "\n")
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "train", "--data", str(p), "--out",
+                          str(tmp_path / "b"), "--epochs", "2", "--hidden", "16", "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "int8 (ONNX int8, int8 items)" in out.stdout and "NDCG@10" in out.stdout
+    assert (tmp_path / "b" / "manifest.json").is_file() and (tmp_path / "b" / "item_attr_indptr.npy").is_file()
+    bad = subprocess.run([sys.executable, "-m", "edge_runtime", "train", "--data", str(tmp_path / "nope.csv"),
+                          "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no such file" in bad.stderr

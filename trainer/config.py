@@ -1,0 +1,76 @@
+"""Training configuration: one frozen dataclass, loadable from TOML (``edgerec train --config FILE``).
+
+Unknown keys are rejected with a message naming them, so a typo in a config never trains the wrong model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # data
+    data: str | None = None          # interaction log; None = embedded Amazon Beauty (S3-Rec files)
+    columns: str | None = None       # table column roles, see trainer.data.load
+    attributes: str | None = None    # item-attribute JSON; default: <stem>_item2attributes.json beside the data
+    # model (SASRec)
+    max_len: int = 50                # L: most recent items the encoder reads (protocol of ANCHORS.md)
+    hidden: int = 64                 # d: embedding size
+    blocks: int = 2
+    heads: int = 1
+    dropout: float = 0.5
+    # optimisation
+    loss: str = "sampled_ce"         # "sampled_ce" (SASRec+, num_negatives shared uniform negatives) | "ce" (full)
+    num_negatives: int = 256         # for sampled_ce
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 200                # upper bound; early stopping usually ends sooner
+    patience: int = 10               # epochs without a better validation NDCG@10 before stopping
+    min_epochs: int = 1
+    time_budget_s: float | None = None  # stop after this many seconds of training (demo)
+    seed: int = 42
+    threads: int | None = None       # torch intra-op threads; None = all cores
+    device: str = "cpu"
+    # export
+    int8_check_users: int = 2000     # held-out users for the fp32 vs int8 top-10 agreement check
+
+    def __post_init__(self):
+        checks = [
+            (self.loss in ("ce", "sampled_ce"), "loss", "'ce' or 'sampled_ce'"),
+            (self.max_len >= 1, "max_len", ">= 1"), (self.hidden >= 1, "hidden", ">= 1"),
+            (self.blocks >= 1, "blocks", ">= 1"), (self.heads >= 1 and self.hidden % self.heads == 0, "heads",
+                                                   "a divisor of hidden"),
+            (0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)"), (self.lr > 0, "lr", "> 0"),
+            (self.batch_size >= 1, "batch_size", ">= 1"), (self.epochs >= 1, "epochs", ">= 1"),
+            (self.patience >= 1, "patience", ">= 1"), (self.num_negatives >= 1, "num_negatives", ">= 1"),
+        ]
+        for ok, key, allowed in checks:
+            if not ok:
+                raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: must be {allowed}")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        """Read ``[train]`` (or top-level) keys from a TOML file, then apply ``overrides`` (None values skipped).
+
+        Raises:
+            ValueError: unknown key or invalid value (the message names the key).
+        """
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        raw = dict(raw.get("train", raw))
+        return cls.from_dict(raw, **overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict, **overrides) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(names)}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**raw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,109 @@
+"""``edgerec demo``: train a small model on the embedded Amazon Beauty data, serve it on loopback, replay real
+shoppers' events through ``track`` and show their recommendations before and after, then shut the daemon down."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edge_runtime.client import Client
+
+from . import data as data_mod
+from .config import TrainConfig
+from .train import run
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_daemon(bundle: str | os.PathLike, port: int, extra: list[str] | None = None,
+                 timeout: float = 60.0) -> subprocess.Popen:
+    """Start ``edgerec serve`` on 127.0.0.1:port as a subprocess and wait until it answers ``health``.
+
+    Raises:
+        RuntimeError: the daemon exited or did not answer within ``timeout`` s (its stderr is in the message).
+    """
+    cmd = [sys.executable, "-m", "edge_runtime", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+           "--port", str(port)] + (extra or [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            with Client("127.0.0.1", port, timeout=2) as c:
+                if c.call("health")["status"] == "ok":
+                    return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"daemon did not answer within {timeout} s: {proc.stderr.read()}")
+
+
+def stop_daemon(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM, wait for a clean exit; returns the exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _show(title: str, res: dict, highlight: set[str]) -> None:
+    marks = [f"{it}{'*' if it in highlight else ''}" for it in res["items"]]
+    print(f"    {title:<8} [{res['source']}] {' '.join(marks)}")
+
+
+def run_demo(workdir: str | os.PathLike, time_budget_s: float = 150.0, epochs: int = 40, shoppers: int = 3) -> int:
+    workdir = Path(workdir)
+    bundle = workdir / "bundle"
+    print(f"== 1/3 train SASRec on the embedded Amazon Beauty data (<= {time_budget_s:.0f} s of training)")
+    cfg = TrainConfig(epochs=epochs, time_budget_s=time_budget_s, patience=5)
+    manifest = run(cfg, bundle, progress=True)
+    version = manifest["model_version"]
+
+    port = free_port()
+    print(f"\n== 2/3 serve bundle {version} on 127.0.0.1:{port} (int8 encoder, int8 item matrix)")
+    proc = start_daemon(bundle, port)
+    try:
+        data = data_mod.load(None)
+        picked = [u for u, s in enumerate(data.sequences) if 10 <= len(s) <= 20][:shoppers]
+        with Client("127.0.0.1", port) as c:
+            print("\n== 3/3 replay real shoppers: history via track_batch, then two more events via track")
+            print("   (* = the shopper's real next item, held out; it is never sent to the daemon)")
+            for u in picked:
+                seq = [data.item_ids[t - 1] for t in data.sequences[u]]
+                user = f"beauty-{data.user_ids[u]}"
+                history, recent, held_out = seq[:-3], seq[-3:-1], seq[-1]
+                c.call("track_batch", events=[{"user": user, "item": it, "event": "view"} for it in history])
+                before = c.call("recommend", user=user, k=10)
+                for it in recent:
+                    c.call("track", user=user, item=it, event="view")
+                after = c.call("recommend", user=user, k=10)
+                print(f"\n  shopper {user}: {len(history)} past items, then views {recent[0]} and {recent[1]}; "
+                      f"held-out next item {held_out}")
+                _show("before", before, {held_out})
+                _show("after", after, {held_out})
+                left = [it for it in recent if it in before["items"] and it not in after["items"]]
+                if left:
+                    print(f"    (tracked item(s) {', '.join(left)} left the list: already seen)")
+            cold = c.call("recommend", user="someone-new", k=5)
+            print(f"\n  a shopper with no history gets the popularity list: {' '.join(cold['items'])}")
+            odd = c.call("recommend", history=["not-in-catalog", seq[0]], k=5)
+            print(f"  an item unknown to the model is ignored, not an error: ignored={odd['ignored']}")
+            health = c.call("health")
+            print(f"  health: {health['status']}, model {health['model_version']}, {health['sessions']} sessions")
+    finally:
+        code = stop_daemon(proc)
+    print(f"\ndaemon stopped (exit status {code}). Serve it yourself with:\n"
+          f"  edgerec serve --bundle {bundle}\n  edgerec recommend --history {','.join(seq[:3])}")
+    return 0 if code == 0 else 1

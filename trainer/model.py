@@ -1,0 +1,117 @@
+"""SASRec: a causal self-attention sequential recommender.
+
+Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018 (arXiv:1808.09781). The encoder turns a
+shopper's recent items into a user vector u (the hidden state at the last position); the score of item i is
+``e_i . u`` with the input item embedding table tied to the output (so serving is exact MIPS over the item
+embedding matrix). Trained here with a softmax cross-entropy over items (full, or sampled with many negatives:
+"SASRec+", Klenitskiy & Vasilev, RecSys 2023, arXiv:2309.07602), which beats the paper's 1-negative BCE.
+
+Conventions (from the reference implementation pmixer/SASRec.pytorch, kept where they export cleanly):
+token 0 is padding and item row r is token r + 1; sequences are left-padded so the most recent item is at the last
+position; item embeddings are scaled by sqrt(d); pre-LayerNorm blocks; learned positional embeddings.
+The forward pass uses tensors only (no NumPy, no Python control flow on values) so it traces to ONNX.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class _Block(nn.Module):
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.ln_attn = nn.LayerNorm(hidden, eps=1e-8)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.ln_ffn = nn.LayerNorm(hidden, eps=1e-8)
+        self.ffn = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        # x: [B L D]; allowed: [B 1 L L] bool (query may attend key)
+        b, length, d = x.shape
+        h = self.ln_attn(x)
+        q, k, v = self.qkv(h).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [B H L Dh]
+        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d // self.heads))  # [B H L L]
+        att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        att = self.drop(att)
+        y = (att @ v).transpose(1, 2).reshape(b, length, d)  # [B L D]
+        x = x + self.drop(self.out(y))
+        x = x + self.drop(self.ffn(self.ln_ffn(x)))
+        return x
+
+
+class SASRec(nn.Module):
+    """Causal Transformer encoder over item sequences.
+
+    Args:
+        num_items: N; the embedding table has N + 1 rows (row 0 = padding).
+        max_len: L, the number of most recent items the encoder reads.
+        hidden: d, embedding and hidden size.
+        blocks, heads, dropout: Transformer depth, attention heads, dropout rate (embeddings, attention, FFN).
+
+    ``forward(item_seq)``: int64 [B, L] tokens, left-padded with 0 -> float32 [B, d] user vectors.
+    """
+
+    def __init__(self, num_items: int, max_len: int = 50, hidden: int = 64, blocks: int = 2, heads: int = 1,
+                 dropout: float = 0.2):
+        super().__init__()
+        self.num_items = num_items
+        self.max_len = max_len
+        self.hidden = hidden
+        self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, hidden)
+        self.emb_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([_Block(hidden, heads, dropout) for _ in range(blocks)])
+        self.ln_out = nn.LayerNorm(hidden, eps=1e-8)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    @staticmethod
+    def attention_mask(item_seq: torch.Tensor) -> torch.Tensor:
+        """[B L] tokens -> [B 1 L L] bool: causal, padded keys hidden (each position always sees itself, so no
+        softmax row is empty)."""
+        length = item_seq.shape[1]
+        causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=item_seq.device))  # [L L]
+        eye = torch.eye(length, dtype=torch.bool, device=item_seq.device)
+        key_ok = (item_seq > 0).unsqueeze(1)  # [B 1 L]
+        return ((causal & key_ok) | eye).unsqueeze(1)
+
+    def encode(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[B l] int64 tokens, l <= max_len, left-padded -> [B l D] hidden state at every position.
+
+        Positions count from the right (the last column is position max_len - 1), so a batch trimmed to its
+        longest sequence gives exactly the hidden states of the same batch padded to max_len.
+        """
+        length = item_seq.shape[1]
+        positions = torch.arange(length, device=item_seq.device) + (self.max_len - length)
+        x = self.item_emb(item_seq) * math.sqrt(self.hidden) + self.pos_emb(positions)  # [B L D]
+        x = self.emb_drop(x)
+        pad = (item_seq > 0).unsqueeze(-1).to(x.dtype)  # [B L 1]
+        x = x * pad
+        allowed = self.attention_mask(item_seq)
+        for block in self.blocks:
+            x = block(x, allowed) * pad
+        return self.ln_out(x)
+
+    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[B L] int64 tokens (left-padded) -> [B D] float32 user vector (hidden state of the last position)."""
+        return self.encode(item_seq)[:, -1, :]
+
+    def item_embeddings(self) -> torch.Tensor:
+        """[N D] output item embedding matrix (rows of the tied table without the padding row)."""
+        return self.item_emb.weight[1:]
