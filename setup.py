@@ -20,6 +20,7 @@ setup(
         "onnxruntime>=1.17",
         "msgpack>=1.0",
         "zeroconf>=0.100",
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         # torch is pinned exactly: the CPU build of 2.13.0 is what edge build machines here carry.

@@ -106,12 +106,13 @@ def _train(args) -> int:
 
 def _serve(args) -> int:
     from .errors import BundleError
-    from .model import Model
+    from .model import Model, limit_blas_threads
     from .service import Service
     from .server import serve
     import concurrent.futures
 
     log = logging.getLogger("edgerec")
+    limit_blas_threads(1)
     try:
         model = Model(args.bundle, precision=args.precision)
     except (BundleError, ValueError) as exc:

@@ -56,7 +56,7 @@ def tiny_manifest(tiny_bundle) -> dict:
 @pytest.fixture(scope="module")
 def daemon(tiny_bundle):
     """(process, port) of `edgerec serve` on the tiny bundle; stopped with SIGTERM after the module."""
-    from trainer.demo import free_port, start_daemon, stop_daemon
+    from edge_runtime.process import free_port, start_daemon, stop_daemon
 
     port = free_port()
     proc = start_daemon(tiny_bundle, port)

@@ -334,7 +334,7 @@ def test_client_that_disconnects_mid_request(daemon):
 # ------------------------------------------------------------------------------------------------ lifecycle
 def test_unix_socket_and_sigterm(tiny_bundle, tmp_path):
     from edge_runtime.client import Client
-    from trainer.demo import free_port, start_daemon, stop_daemon
+    from edge_runtime.process import free_port, start_daemon, stop_daemon
 
     path = str(tmp_path / "edgerec.sock")
     proc = start_daemon(tiny_bundle, free_port(), ["--unix", path])
