@@ -188,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("onnx_ir", "optimum", "torch.onnx", "onnxscript"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Export / quantization libraries log per-tensor INFO and irrelevant warnings (torchvision ops, HF configs).
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "optimum"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     handler = {"train": _train, "serve": _serve, "recommend": _recommend, "track": _track, "demo": _demo}
     return handler[args.command](args)
 

@@ -303,6 +303,31 @@ def test_garbage_bytes_close_connection(daemon):
     assert_alive(daemon[1])
 
 
+@pytest.mark.parametrize("payload", [
+    b"\x91" * 100_000,                      # 100,000 nested one-element arrays (a stack bomb)
+    b"\xdd\xff\xff\xff\xff" + b"\x00" * 64,  # array32 declaring 4,294,967,295 elements
+    b"\xdb\xff\xff\xff\x00" + b"a" * (const.MAX_FRAME_BYTES + 1),  # str32 declaring ~4 GB, then 1 MiB of it
+])
+def test_hostile_frames_close_only_that_connection(daemon, payload):
+    c = Raw(daemon[1])
+    other = Raw(daemon[1])
+    try:
+        c.send_raw(payload)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    try:
+        msg = c.read()
+        assert msg is None or msg[2]["code"] in (-32700, -32001), msg
+        if msg is not None:
+            assert c.read() is None
+    except ConnectionResetError:
+        pass
+    c.close()
+    assert other.call("health")["status"] == "ok"
+    other.close()
+    assert_alive(daemon[1])
+
+
 def test_oversized_frame_rejected(daemon):
     c = Raw(daemon[1])
     big = msgpack.packb([0, 1, "track_batch", [{"events": [{"user": "u" * 200, "item": "i" * 200,

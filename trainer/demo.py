@@ -3,6 +3,7 @@ shoppers' events through ``track`` and show their recommendations before and aft
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from edge_runtime.client import Client
@@ -13,9 +14,19 @@ from .config import TrainConfig
 from .train import run
 
 
-def _show(title: str, res: dict, highlight: set[str]) -> None:
-    marks = [f"{it}{'*' if it in highlight else ''}" for it in res["items"]]
-    print(f"    {title:<8} [{res['source']}] {' '.join(marks)}")
+def _recommend(c: Client, user: str, held_out: str) -> tuple[dict, int | None, float]:
+    """Top-10 for ``user``, the rank of ``held_out`` in the top 1000 (None if absent), and the call's time in ms."""
+    t0 = time.perf_counter()
+    res = c.call("recommend", user=user, k=10)
+    ms = (time.perf_counter() - t0) * 1e3
+    deep = c.call("recommend", user=user, k=1000)["items"]
+    return res, (deep.index(held_out) + 1 if held_out in deep else None), ms
+
+
+def _show(title: str, res: dict, rank: int | None, ms: float, held_out: str) -> None:
+    marks = [f"{it}{'*' if it == held_out else ''}" for it in res["items"]]
+    where = f"#{rank}" if rank else "not in top 1000"
+    print(f"    {title:<7}({ms:4.1f} ms) {' '.join(marks)}   real next item: {where}")
 
 
 def run_demo(workdir: str | os.PathLike, time_budget_s: float = 150.0, epochs: int = 40, shoppers: int = 3) -> int:
@@ -34,20 +45,21 @@ def run_demo(workdir: str | os.PathLike, time_budget_s: float = 150.0, epochs: i
         picked = [u for u, s in enumerate(data.sequences) if 10 <= len(s) <= 20][:shoppers]
         with Client("127.0.0.1", port) as c:
             print("\n== 3/3 replay real shoppers: history via track_batch, then two more events via track")
-            print("   (* = the shopper's real next item, held out; it is never sent to the daemon)")
+            print("   (* = the shopper's real next item, held out: never sent to the daemon; its rank among all "
+                  f"{manifest['model']['num_items']} items is shown)")
             for u in picked:
                 seq = [data.item_ids[t - 1] for t in data.sequences[u]]
                 user = f"beauty-{data.user_ids[u]}"
                 history, recent, held_out = seq[:-3], seq[-3:-1], seq[-1]
                 c.call("track_batch", events=[{"user": user, "item": it, "event": "view"} for it in history])
-                before = c.call("recommend", user=user, k=10)
+                before, rank_before, ms_before = _recommend(c, user, held_out)
                 for it in recent:
                     c.call("track", user=user, item=it, event="view")
-                after = c.call("recommend", user=user, k=10)
+                after, rank_after, ms_after = _recommend(c, user, held_out)
                 print(f"\n  shopper {user}: {len(history)} past items, then views {recent[0]} and {recent[1]}; "
                       f"held-out next item {held_out}")
-                _show("before", before, {held_out})
-                _show("after", after, {held_out})
+                _show("before", before, rank_before, ms_before, held_out)
+                _show("after", after, rank_after, ms_after, held_out)
                 left = [it for it in recent if it in before["items"] and it not in after["items"]]
                 if left:
                     print(f"    (tracked item(s) {', '.join(left)} left the list: already seen)")
