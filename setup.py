@@ -1,9 +1,55 @@
-"""Build and install edgerec: the torch-free daemon (edge_runtime), the trainer (trainer, extra [trainer]).
+"""Build and install edgerec: the torch-free daemon (edge_runtime), the trainer (trainer, extra [trainer]) and the
+native top-k kernel (native/, built through CMakeLists.txt into edge_runtime/_native).
 
-The native top-k kernel in native/ is built through CMakeLists.txt once it lands; until then the daemon scores with
-NumPy through edge_runtime.scoring.
+Build switches (environment):
+  EDGE_RUNTIME_NO_NATIVE=1       skip the native kernel (the daemon then scores with Numba, or NumPy)
+  EDGE_RUNTIME_REQUIRE_NATIVE=1  fail the install if the native kernel cannot be built (CI sets it)
+Without either, a failed native build (no C++ compiler, no CMake) is reported and the install goes on.
 """
-from setuptools import setup
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cmake() -> str:
+    exe = shutil.which("cmake")
+    if exe:
+        return exe
+    import cmake  # the PyPI cmake package, a build requirement
+
+    return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+
+
+class CMakeBuild(build_ext):
+    """Builds edge_runtime._native with CMake (CMakeLists.txt at the repository root)."""
+
+    def build_extension(self, ext):
+        if _flag("EDGE_RUNTIME_NO_NATIVE"):
+            print("edgerec: EDGE_RUNTIME_NO_NATIVE set, not building the native kernel", file=sys.stderr)
+            return
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        root = Path(__file__).resolve().parent
+        try:
+            cmake = _cmake()
+            subprocess.run([cmake, "-S", str(root), "-B", str(build_dir), f"-DEDGEREC_OUTPUT_DIR={out_dir}",
+                            f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release"], check=True)
+            subprocess.run([cmake, "--build", str(build_dir), "-j", str(os.cpu_count() or 2)], check=True)
+        except (OSError, ImportError, subprocess.CalledProcessError) as exc:
+            if _flag("EDGE_RUNTIME_REQUIRE_NATIVE"):
+                raise
+            print(f"edgerec: WARNING: native kernel not built ({exc}); the daemon will score with the Numba / "
+                  f"NumPy fallback", file=sys.stderr)
 
 setup(
     name="edgerec",
@@ -26,7 +72,11 @@ setup(
         # torch is pinned exactly: the CPU build of 2.13.0 is what edge build machines here carry.
         "trainer": ["torch==2.13.0", "onnx>=1.16", "onnxscript>=0.3", "optimum>=1.20", "optimum-onnx>=0.1",
                     "pandas>=2.0", "tqdm>=4.60"],
-        "test": ["pytest>=8", "hypothesis>=6"],
+        # the Numba fallback kernel, used when the native kernel is not built (NumPy is the last resort)
+        "numba": ["numba>=0.58"],
+        "test": ["pytest>=8", "hypothesis>=6", "numba>=0.58"],
     },
     entry_points={"console_scripts": ["edgerec = edge_runtime.cli:main"]},
+    ext_modules=[Extension("edge_runtime._native", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
 )

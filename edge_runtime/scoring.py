@@ -1,33 +1,99 @@
-"""Exact maximum-inner-product (MIPS) top-k over the whole item catalog.
+"""Exact maximum-inner-product (MIPS) top-k over the whole item catalog: the daemon's hot loop.
 
-This is the daemon's scoring interface. The implementation here is NumPy (a BLAS mat-vec plus ``argpartition``);
-the native SIMD kernel plugs in behind the same ``topk`` signature.
+Three interchangeable backends with one contract, chosen once at import:
 
-Semantics every implementation keeps:
-* scores are ``items @ q`` (float32 items) or ``(items_int8 @ q) * item_scales`` (int8 items with per-row float32
-  scales: row r dequantizes to ``items[r] * item_scales[r]``), float32, in the same scale for both;
-* filters act inside the scan: an item whose index is in ``exclude`` or whose bit in ``allow`` is 0 never enters
-  the result, and NaN scores never do either; if fewer than k items pass, fewer come back (the caller sees it from
-  the returned length);
-* ties are broken by the lower item index, so every path returns the same ids.
+* ``native``: the C++ kernel (edge_runtime/_native, built from native/ by setup.py through CMake) with runtime SIMD
+  dispatch (AVX-512 VNNI / AVX-512 / AVX2 / NEON / scalar; ``EDGE_RUNTIME_SIMD`` forces a level);
+* ``numba``: edge_runtime/topk_numba.py, when the extension is not built or ``EDGE_RUNTIME_NO_NATIVE=1``;
+* ``numpy``: a BLAS mat-vec plus ``argpartition``, when Numba is missing too.
+
+``EDGE_RUNTIME_SCORING=native|numba|numpy`` forces one (ImportError if it is not available). ``IMPLEMENTATION``
+names the one in use (e.g. ``native-avx512_vnni``); the daemon logs it at start-up.
+
+Contract (every backend; the tests run the same suite on each):
+* scores: ``<q, x_i>`` for float32 items; ``<q, x_i> * s_i`` for int8 items with per-row float32 scales and a
+  float32 query; ``((float)<q8, x_i>) * qs * s_i`` for int8 items with an int8 query of scale ``qs`` (exact integer
+  accumulation, so every backend returns identical scores);
+* filters act inside the scan: an item in ``exclude`` or with a 0 bit in ``allow`` never enters the result, nor does
+  a NaN score; if fewer than k items pass, fewer come back (the returned width k' says so);
+* ties are broken by the lower item index; rows are sorted by score descending, then index ascending.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-IMPLEMENTATION = "numpy"
+_FORCED = os.environ.get("EDGE_RUNTIME_SCORING", "").strip().lower()
+_NO_NATIVE = os.environ.get("EDGE_RUNTIME_NO_NATIVE", "").strip().lower() in ("1", "true", "yes", "on")
+if _FORCED not in ("", "native", "numba", "numpy"):
+    raise ImportError(f"EDGE_RUNTIME_SCORING={_FORCED!r}: use native, numba or numpy")
+
+try:
+    from . import _native
+except ImportError:
+    _native = None
+
+
+def _load_numba():
+    try:
+        from . import topk_numba
+    except ImportError:
+        return None
+    return topk_numba
+
+
+if _FORCED == "native" and _native is None:
+    raise ImportError("EDGE_RUNTIME_SCORING=native but edge_runtime._native is not built "
+                      "(reinstall with a C++ compiler and CMake; EDGE_RUNTIME_REQUIRE_NATIVE=1 makes that an error)")
+if _FORCED == "native" or (_FORCED == "" and _native is not None and not _NO_NATIVE):
+    BACKEND = "native"
+elif _FORCED in ("", "numba") and _load_numba() is not None:
+    BACKEND = "numba"
+elif _FORCED == "numba":
+    raise ImportError("EDGE_RUNTIME_SCORING=numba but Numba is not installed (pip install numba)")
+else:
+    BACKEND = "numpy"
+IMPLEMENTATION = "native-" + _native.simd_level() if BACKEND == "native" else BACKEND
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process (for ``topk(..., backend=...)``): a subset of native, numba, numpy."""
+    return [b for b, ok in (("native", _native is not None), ("numba", _load_numba() is not None),
+                            ("numpy", True)) if ok]
+
+MAX_QUERIES = 4096   # queries per call (the daemon sends 1; benchmarks up to 64)
+MAX_DIM = 16384      # d; int8 queries: d <= 1040 keeps integer accumulation exact in float32 lanes
+MAX_DIM_INT8_QUERY = 1040
+
+
+def simd_level() -> str:
+    """The native kernel's SIMD level ('avx512_vnni', 'avx512', 'avx2', 'neon', 'scalar'), or 'none'."""
+    return _native.simd_level() if _native is not None else "none"
+
+
+def _fix(name: str, dtype) -> str:
+    return f"convert with np.ascontiguousarray({name}, dtype=np.{np.dtype(dtype).name})"
 
 
 def _check_items(items: np.ndarray, item_scales: np.ndarray | None) -> None:
     if not isinstance(items, np.ndarray) or items.ndim != 2:
-        raise ValueError(f"items must be a 2-D array [N, d], got {getattr(items, 'shape', type(items))}")
+        raise ValueError(f"items must be a 2-D array [N, d], got {getattr(items, 'shape', type(items).__name__)}")
     if items.dtype == np.int8:
         if item_scales is None:
             raise ValueError("int8 items need item_scales (float32 [N], one scale per row)")
+        if not isinstance(item_scales, np.ndarray) or item_scales.dtype != np.float32:
+            raise ValueError(f"item_scales must be float32; {_fix('item_scales', np.float32)}")
         if item_scales.shape != (items.shape[0],):
             raise ValueError(f"item_scales must have shape [{items.shape[0]}], got {item_scales.shape}")
+        if not item_scales.flags.c_contiguous:
+            raise ValueError(f"item_scales must be C-contiguous; {_fix('item_scales', np.float32)}")
     elif items.dtype != np.float32:
-        raise ValueError(f"items must be float32 or int8, got {items.dtype}; convert with .astype(np.float32)")
+        raise ValueError(f"items must be float32 or int8, got {items.dtype}; {_fix('items', np.float32)}")
+    if not items.flags.c_contiguous:
+        raise ValueError(f"items must be C-contiguous (rows packed); {_fix('items', items.dtype)}")
+    if items.shape[1] < 1 or items.shape[1] > MAX_DIM:
+        raise ValueError(f"items dimension d must be between 1 and {MAX_DIM}, got {items.shape[1]}")
 
 
 def dense_scores(queries: np.ndarray, items: np.ndarray, item_scales: np.ndarray | None = None) -> np.ndarray:
@@ -81,48 +147,105 @@ def _topk_row(scores: np.ndarray, k: int, excluded: np.ndarray | None, allowed: 
     return cand[order].astype(np.int64), s[order].astype(np.float32)
 
 
+def quantize_queries(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantization of queries: float32 [B, d] -> (int8 [B, d], float32 [B] scales); see
+    ``quantize_rows``."""
+    return quantize_rows(np.atleast_2d(queries))
+
+
 def topk(queries: np.ndarray, items: np.ndarray, k: int, *, item_scales: np.ndarray | None = None,
-         exclude: np.ndarray | None = None, allow: np.ndarray | None = None, num_threads: int | None = None):
-    """Exact top-k by inner product.
+         query_scales: np.ndarray | None = None, exclude=None, allow: np.ndarray | None = None,
+         num_threads: int | None = None, backend: str | None = None):
+    """Exact top-k by inner product (see the module docstring for the contract).
 
     Args:
-        queries: float32 [d] or [B, d].
-        items: float32 [N, d], or int8 [N, d] with ``item_scales``.
+        queries: float32 [d] or [B, d] (B <= 4096); or int8 with ``query_scales`` (int8 items only).
+        items: float32 [N, d], or int8 [N, d] with ``item_scales``; C-contiguous.
         k: number of results, >= 1 (k > N returns at most N).
         item_scales: float32 [N], per-row scales of int8 items.
-        exclude: int64 item indices that must not be returned (the shopper's seen items), shared by all queries.
-        allow: packed uint8 bitset over item indices (see ``pack_mask``); only items whose bit is 1 can be returned.
-        num_threads: accepted for interface compatibility; NumPy's BLAS decides its own threads.
+        query_scales: float32 [B] (or a scalar for a single query), scales of int8 queries.
+        exclude: item indices never to return (the shopper's seen items), any integer sequence; shared by all queries.
+        allow: packed uint8 bitset over item indices (``pack_mask``); only items whose bit is 1 can be returned.
+        num_threads: threads that split the item range (native backend; default 1, as the daemon runs requests in
+            parallel threads already).
+        backend: 'native', 'numba' or 'numpy' to bypass the import-time choice (tests, benchmarks).
 
     Returns:
-        (ids, scores): int64 and float32, shape [k'] for a [d] query or [B, k'] for a batch, sorted by score
-        descending then index ascending; k' <= k when fewer items pass the filters (for a batch, every row has the
-        same k' since the filters are shared).
+        (ids, scores): int64 and float32, shape [k'] for a [d] query or [B, k'] for a batch; k' <= k when fewer
+        items pass (for a batch, rows are cut to the shortest).
 
     Raises:
-        ValueError: bad k, dtype or shape (the message says how to fix it).
+        ValueError: bad k, dtype, shape or layout; the message says how to fix it.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    q = np.asarray(queries)
-    single = q.ndim == 1
-    if q.ndim not in (1, 2):
-        raise ValueError(f"queries must have shape [d] or [B, d], got {q.shape}")
-    scores = dense_scores(q.reshape(1, -1) if single else q, items, item_scales)
-    n = items.shape[0]
-    allowed = unpack_mask(allow, n) if allow is not None else None
+    _check_items(items, item_scales)
+    if not isinstance(queries, np.ndarray):
+        raise ValueError(f"queries must be a NumPy array, got {type(queries).__name__}; use np.asarray(q, np.float32)")
+    single = queries.ndim == 1
+    if queries.ndim not in (1, 2):
+        raise ValueError(f"queries must have shape [d] or [B, d], got {queries.shape}")
+    q = queries.reshape(1, -1) if single else queries
+    n, d = items.shape
+    if q.shape[1] != d:
+        raise ValueError(f"query dimension {q.shape[1]} does not match items dimension {d}")
+    if q.shape[0] > MAX_QUERIES:
+        raise ValueError(f"at most {MAX_QUERIES} queries per call, got {q.shape[0]}; split the batch")
+    if q.dtype == np.int8:
+        if items.dtype != np.int8:
+            raise ValueError("int8 queries need int8 items; pass float32 queries for float32 items")
+        if query_scales is None:
+            raise ValueError("int8 queries need query_scales (float32 [B]); see quantize_queries")
+        query_scales = np.atleast_1d(np.asarray(query_scales))
+        if query_scales.dtype != np.float32 or query_scales.shape != (q.shape[0],):
+            raise ValueError(f"query_scales must be float32 of shape [{q.shape[0]}]; {_fix('query_scales', np.float32)}")
+        if d > MAX_DIM_INT8_QUERY:
+            raise ValueError(f"int8 queries support d <= {MAX_DIM_INT8_QUERY}; pass float32 queries")
+    elif q.dtype != np.float32:
+        raise ValueError(f"queries must be float32 (or int8 with query_scales), got {q.dtype}; "
+                         f"{_fix('queries', np.float32)}")
+    if not q.flags.c_contiguous:
+        raise ValueError(f"queries must be C-contiguous; {_fix('queries', q.dtype)}")
     excl = None
     if exclude is not None:
-        excl = np.asarray(exclude, dtype=np.int64).ravel()
-        if len(excl) and (excl.min() < 0 or excl.max() >= n):
+        excl = np.unique(np.asarray(exclude, dtype=np.int64).ravel())
+        if len(excl) and (excl[0] < 0 or excl[-1] >= n):
             raise ValueError(f"exclude holds item indices outside [0, {n})")
-    rows = [_topk_row(scores[b], int(k), excl, allowed) for b in range(scores.shape[0])]
-    if single:
-        return rows[0]
-    width = min(len(r[0]) for r in rows) if rows else 0
-    ids = np.stack([r[0][:width] for r in rows]) if rows else np.zeros((0, 0), np.int64)
-    sc = np.stack([r[1][:width] for r in rows]) if rows else np.zeros((0, 0), np.float32)
-    return ids, sc
+        if not len(excl):
+            excl = None
+    if allow is not None:
+        if not isinstance(allow, np.ndarray) or allow.dtype != np.uint8 or allow.ndim != 1 \
+                or allow.shape[0] * 8 < n or not allow.flags.c_contiguous:
+            raise ValueError(f"allow must be a packed uint8 bitset of at least {(n + 7) // 8} bytes "
+                             f"(use edge_runtime.scoring.pack_mask)")
+    backend = backend or BACKEND
+    if backend not in ("native", "numba", "numpy") or (backend == "native" and _native is None):
+        raise ValueError(f"backend {backend!r} is not available; available: {available_backends()}")
+    if q.shape[0] == 0 or n == 0:
+        ids, sc = np.zeros((q.shape[0], 0), np.int64), np.zeros((q.shape[0], 0), np.float32)
+    elif backend == "native":
+        ids, sc = _native.topk(q, items, int(k), item_scales, query_scales, allow, excl,
+                               1 if num_threads is None else max(1, int(num_threads)))
+    elif backend == "numba":
+        numba_impl = _load_numba()
+        if numba_impl is None:
+            raise ValueError("backend 'numba' is not available: Numba is not installed")
+        ids, sc = numba_impl.topk(q, items, int(k), item_scales, query_scales, allow, excl)
+    else:
+        ids, sc = _topk_numpy(q, items, int(k), item_scales, query_scales, allow, excl)
+    return (ids[0], sc[0]) if single else (ids, sc)
+
+
+def _topk_numpy(q, items, k, item_scales, query_scales, allow, excl):
+    if q.dtype == np.int8:
+        dots = q.astype(np.int32) @ items.T.astype(np.int32)
+        scores = (dots.astype(np.float32) * query_scales[:, None]) * item_scales
+    else:
+        scores = dense_scores(q, items, item_scales)
+    allowed = unpack_mask(allow, items.shape[0]) if allow is not None else None
+    rows = [_topk_row(scores[b], k, excl, allowed) for b in range(scores.shape[0])]
+    width = min(len(r[0]) for r in rows)
+    return np.stack([r[0][:width] for r in rows]), np.stack([r[1][:width] for r in rows])
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

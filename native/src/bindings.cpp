@@ -1,0 +1,169 @@
+// pybind11 module edge_runtime._native: exact top-k with runtime SIMD dispatch. Arrays are checked strictly while
+// holding the GIL (dtype, ndim, shape, C-contiguity: a std::invalid_argument becomes a Python ValueError saying how
+// to fix the input); the scan itself runs with the GIL released, in num_threads threads over item ranges.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "dispatch.h"
+
+namespace py = pybind11;
+using edgerec::Heap;
+using edgerec::Mode;
+using edgerec::ScanArgs;
+
+namespace {
+
+constexpr std::int64_t kMinItemsPerThread = 16384;  // below this a thread costs more than it saves
+
+void require(bool ok, const std::string& msg) {
+    if (!ok) throw std::invalid_argument(msg);
+}
+
+template <typename T>
+void check_array(const py::array& a, const char* name, int ndim) {
+    require(py::isinstance<py::array_t<T>>(a) && a.dtype().is(py::dtype::of<T>()),
+            std::string(name) + " has the wrong dtype (" + std::string(py::str(a.dtype())) + "); convert with " +
+                "np.ascontiguousarray(x, dtype=np." + std::string(py::str(py::dtype::of<T>())) + ")");
+    require(a.ndim() == ndim, std::string(name) + " must have " + std::to_string(ndim) + " dimension(s), got " +
+                                  std::to_string(a.ndim()));
+    require(a.flags() & py::array::c_style,
+            std::string(name) + " must be C-contiguous; pass np.ascontiguousarray(" + name + ")");
+}
+
+py::tuple topk(py::array queries, py::array items, std::int64_t k, py::object item_scales, py::object query_scales,
+               py::object allow, py::object exclude, int num_threads) {
+    ScanArgs a;
+    const bool int8_items = items.dtype().is(py::dtype::of<std::int8_t>());
+    const bool int8_queries = queries.dtype().is(py::dtype::of<std::int8_t>());
+    if (int8_items) check_array<std::int8_t>(items, "items", 2); else check_array<float>(items, "items", 2);
+    if (int8_queries) check_array<std::int8_t>(queries, "queries", 2); else check_array<float>(queries, "queries", 2);
+    require(k >= 1, "k must be >= 1");
+    a.n = items.shape(0);
+    a.d = static_cast<int>(items.shape(1));
+    a.nq = static_cast<int>(queries.shape(0));
+    require(queries.shape(1) == items.shape(1), "queries and items must have the same dimension d");
+    require(a.d >= 1 && a.d <= 16384, "d must be between 1 and 16384");
+    require(a.nq <= 4096, "at most 4096 queries per call");
+    py::array_t<float> iscales, qscales;
+    if (int8_items) {
+        require(!item_scales.is_none(), "int8 items need item_scales (float32 [N])");
+        iscales = py::cast<py::array>(item_scales);
+        check_array<float>(iscales, "item_scales", 1);
+        require(iscales.shape(0) == a.n, "item_scales must have one scale per item row");
+        a.scales = iscales.data();
+        a.items = items.data();
+        if (int8_queries) {
+            require(!query_scales.is_none(), "int8 queries need query_scales (float32 [B])");
+            qscales = py::cast<py::array>(query_scales);
+            check_array<float>(qscales, "query_scales", 1);
+            require(qscales.shape(0) == a.nq, "query_scales must have one scale per query");
+            require(a.d <= 1040, "int8 queries support d <= 1040 (exact accumulation); use float32 queries");
+            a.query_scales = qscales.data();
+            a.mode = Mode::I8_I8Q;
+        } else {
+            a.mode = Mode::I8_F32Q;
+        }
+    } else {
+        require(!int8_queries, "int8 queries need int8 items");
+        a.items = items.data();
+        a.mode = Mode::F32;
+    }
+    a.queries = queries.data();
+    py::array_t<std::uint8_t> allow_arr;
+    if (!allow.is_none()) {
+        allow_arr = py::cast<py::array>(allow);
+        check_array<std::uint8_t>(allow_arr, "allow", 1);
+        require(allow_arr.shape(0) * 8 >= a.n, "allow must hold at least ceil(N / 8) bytes (pack_mask)");
+        a.filters.allow = allow_arr.data();
+        a.filters.allow_bytes = allow_arr.shape(0);
+    }
+    py::array_t<std::int64_t> excl_arr;
+    if (!exclude.is_none()) {
+        excl_arr = py::cast<py::array>(exclude);
+        check_array<std::int64_t>(excl_arr, "exclude", 1);
+        a.filters.exclude = excl_arr.data();
+        a.filters.n_exclude = excl_arr.shape(0);
+        for (std::int64_t i = 1; i < a.filters.n_exclude; ++i)
+            require(a.filters.exclude[i - 1] < a.filters.exclude[i], "exclude must be sorted and unique (np.unique)");
+    }
+    const int kk = static_cast<int>(std::min<std::int64_t>(k, std::max<std::int64_t>(a.n, 1)));
+    const edgerec::Impl& impl = edgerec::active();
+
+    std::vector<Heap> merged;
+    {
+        py::gil_scoped_release nogil;
+        int threads = std::max(1, num_threads);
+        threads = static_cast<int>(std::min<std::int64_t>(threads, std::max<std::int64_t>(1, a.n / kMinItemsPerThread)));
+        std::vector<std::vector<Heap>> parts(threads, std::vector<Heap>(a.nq, Heap(kk)));
+        if (threads == 1) {
+            impl.scan(a, 0, a.n, parts[0].data());
+        } else {
+            // contiguous ranges aligned to 64 items (one allow-bitset word)
+            std::int64_t per = ((a.n + threads - 1) / threads + 63) / 64 * 64;
+            std::vector<std::thread> pool;
+            for (int t = 0; t < threads; ++t) {
+                std::int64_t b = t * per, e = std::min<std::int64_t>(a.n, b + per);
+                if (b >= e) break;
+                pool.emplace_back([&, t, b, e] { impl.scan(a, b, e, parts[t].data()); });
+            }
+            for (auto& th : pool) th.join();
+        }
+        merged = std::move(parts[0]);
+        for (int t = 1; t < threads; ++t)
+            for (int q = 0; q < a.nq; ++q)
+                for (int j = 0; j < parts[t][q].size; ++j) merged[q].push(parts[t][q].score[j], parts[t][q].index[j]);
+    }
+    int width = kk;
+    for (const Heap& h : merged) width = std::min(width, h.size);
+    if (a.nq == 0) width = 0;
+    py::array_t<std::int64_t> ids({static_cast<py::ssize_t>(a.nq), static_cast<py::ssize_t>(width)});
+    py::array_t<float> scores({static_cast<py::ssize_t>(a.nq), static_cast<py::ssize_t>(width)});
+    auto I = ids.mutable_unchecked<2>();
+    auto S = scores.mutable_unchecked<2>();
+    for (int q = 0; q < a.nq; ++q) {
+        const Heap& h = merged[q];
+        std::vector<int> order(h.size);
+        std::iota(order.begin(), order.end(), 0);
+        std::sort(order.begin(), order.end(), [&](int x, int y) {
+            return Heap::worse(h.score[y], h.index[y], h.score[x], h.index[x]);
+        });
+        for (int j = 0; j < width; ++j) {
+            I(q, j) = h.index[order[j]];
+            S(q, j) = h.score[order[j]];
+        }
+    }
+    return py::make_tuple(ids, scores);
+}
+
+double stream_sum(py::array_t<float, py::array::c_style> a) {
+    const float* p = a.data();
+    const std::int64_t n = a.size();
+    py::gil_scoped_release nogil;
+    return edgerec::active().stream_sum(p, n);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "edgerec native exact top-k (MIPS) kernel with runtime SIMD dispatch";
+    m.def("simd_level", [] { return std::string(edgerec::active().name); },
+          "Name of the SIMD level in use: avx512_vnni, avx512, avx2, neon or scalar.");
+    m.def("simd_note", [] { std::string n; edgerec::active(&n); return n; },
+          "Why an EDGE_RUNTIME_SIMD request was not honoured ('' if it was, or none was made).");
+    m.def("available_levels", &edgerec::available_levels, "Levels this build has and this CPU/OS supports.");
+    m.def("compiled_levels", &edgerec::compiled_levels, "Levels compiled into this build.");
+    m.def("topk", &topk, py::arg("queries"), py::arg("items"), py::arg("k"), py::arg("item_scales") = py::none(),
+          py::arg("query_scales") = py::none(), py::arg("allow") = py::none(), py::arg("exclude") = py::none(),
+          py::arg("num_threads") = 1,
+          "Exact top-k; see edge_runtime.scoring.topk for the contract. Returns (ids int64 [B, k'], "
+          "scores float32 [B, k']).");
+    m.def("stream_sum", &stream_sum, "Sum of a float32 array with the active SIMD level (bandwidth probe).");
+}

@@ -1,0 +1,109 @@
+// Runtime SIMD dispatch: the best level this CPU *and OS* support, chosen once; EDGE_RUNTIME_SIMD overrides it.
+// Compiled with baseline flags only, so it runs on any host of the target architecture.
+#include "dispatch.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace edgerec {
+
+#define EDGEREC_DECLARE(ns)                                                                   \
+    namespace ns {                                                                            \
+    void scan(const ScanArgs&, std::int64_t, std::int64_t, Heap*);                            \
+    double stream_sum(const float*, std::int64_t);                                            \
+    }
+EDGEREC_DECLARE(scalar)
+#if defined(__x86_64__) || defined(_M_X64)
+EDGEREC_DECLARE(avx2)
+EDGEREC_DECLARE(avx512)
+#ifdef EDGEREC_HAVE_VNNI
+EDGEREC_DECLARE(avx512_vnni)
+#endif
+#endif
+#if defined(__aarch64__)
+EDGEREC_DECLARE(neon)
+#endif
+
+namespace {
+
+#if defined(__x86_64__) || defined(_M_X64)
+unsigned long long xgetbv0() {
+    unsigned int eax, edx;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return (static_cast<unsigned long long>(edx) << 32) | eax;
+}
+bool os_saves(unsigned long long mask) {
+    unsigned int eax, ebx, ecx, edx;
+    __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
+    if (!(ecx & (1u << 27))) return false;  // OSXSAVE: the OS manages extended state
+    return (xgetbv0() & mask) == mask;
+}
+bool has_avx2() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && os_saves(0x6);
+}
+bool has_avx512() {
+    __builtin_cpu_init();
+    return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && os_saves(0xE6);
+}
+#ifdef EDGEREC_HAVE_VNNI
+bool has_avx512_vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+#endif
+#endif
+bool always() { return true; }
+
+// Priority order: best first; scalar is always last and always available.
+const Impl kImpls[] = {
+#if defined(__x86_64__) || defined(_M_X64)
+#ifdef EDGEREC_HAVE_VNNI
+    {"avx512_vnni", avx512_vnni::scan, avx512_vnni::stream_sum, has_avx512_vnni},
+#endif
+    {"avx512", avx512::scan, avx512::stream_sum, has_avx512},
+    {"avx2", avx2::scan, avx2::stream_sum, has_avx2},
+#endif
+#if defined(__aarch64__)
+    {"neon", neon::scan, neon::stream_sum, always},  // NEON is mandatory on AArch64
+#endif
+    {"scalar", scalar::scan, scalar::stream_sum, always},
+};
+
+const Impl* choose(std::string* note) {
+    const char* forced = std::getenv("EDGE_RUNTIME_SIMD");
+    if (forced && *forced) {
+        for (const Impl& impl : kImpls)
+            if (std::strcmp(impl.name, forced) == 0) {
+                if (impl.supported()) return &impl;
+                *note = std::string("EDGE_RUNTIME_SIMD=") + forced + " is not supported by this CPU/OS";
+            }
+        if (note->empty()) *note = std::string("EDGE_RUNTIME_SIMD=") + forced + " is not a level of this build";
+    }
+    for (const Impl& impl : kImpls)
+        if (impl.supported()) return &impl;
+    return &kImpls[sizeof(kImpls) / sizeof(kImpls[0]) - 1];
+}
+
+}  // namespace
+
+const Impl& active(std::string* note) {
+    static std::string first_note;
+    static const Impl* impl = choose(&first_note);
+    if (note) *note = first_note;
+    return *impl;
+}
+
+std::vector<std::string> available_levels() {
+    std::vector<std::string> out;
+    for (const Impl& impl : kImpls)
+        if (impl.supported()) out.emplace_back(impl.name);
+    return out;
+}
+
+std::vector<std::string> compiled_levels() {
+    std::vector<std::string> out;
+    for (const Impl& impl : kImpls) out.emplace_back(impl.name);
+    return out;
+}
+
+}  // namespace edgerec

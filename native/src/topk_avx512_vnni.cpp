@@ -1,0 +1,4 @@
+// The avx512_vnni build of the top-k kernel (see topk_kernel-inl.h); compiled with this level's flags only.
+#define EDGEREC_NS avx512_vnni
+#define EDGEREC_W 16
+#include "topk_kernel-inl.h"

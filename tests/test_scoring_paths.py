@@ -1,0 +1,57 @@
+"""The scoring suite once per SIMD level this CPU has and once per fallback, each in its own process (the level
+is chosen once per process, as faiss tests/test_simd_dispatch.py does)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_runtime import scoring
+
+HERE = Path(__file__).resolve().parent
+
+
+def levels() -> list[str]:
+    if "native" not in scoring.available_backends():
+        return []
+    from edge_runtime import _native
+    return list(_native.available_levels())
+
+
+def run_suite(env_extra: dict, expect: str) -> None:
+    env = dict(os.environ, **env_extra)
+    code = f"from edge_runtime import scoring; print(scoring.IMPLEMENTATION)"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == expect
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          str(HERE / "test_scoring.py"), "-k", "not releases_the_gil"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
+
+
+@pytest.mark.parametrize("level", levels() or [pytest.param("none", marks=pytest.mark.skip("native not built"))])
+def test_suite_at_simd_level(level):
+    run_suite({"EDGE_RUNTIME_SIMD": level}, f"native-{level}")
+
+
+def test_suite_without_native_uses_numba():
+    pytest.importorskip("numba")
+    run_suite({"EDGE_RUNTIME_NO_NATIVE": "1"}, "numba")
+
+
+def test_suite_on_numpy_only():
+    run_suite({"EDGE_RUNTIME_SCORING": "numpy"}, "numpy")
+
+
+def test_unsupported_level_falls_back_with_a_note():
+    if not levels():
+        pytest.skip("native kernel not built")
+    code = "from edge_runtime import _native as n; print(n.simd_level(), '|', n.simd_note())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGE_RUNTIME_SIMD="sse9"),
+                         capture_output=True, text=True, check=True).stdout
+    level, note = [s.strip() for s in out.split("|")]
+    assert level == levels()[0] and "sse9" in note
