@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench-latency clean
+.PHONY: install demo test bench-latency bench-topk clean
 
 $(BIN)/edgerec: setup.py pyproject.toml $(wildcard edge_runtime/*.py trainer/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,16 @@ demo: install
 test: install
 	$(BIN)/pytest -q tests
 
-bench-latency: install
-	$(BIN)/python bench/bench_latency.py
+BENCH_BUNDLE ?= bench/results/beauty-bundle
+
+$(BENCH_BUNDLE)/manifest.json: | install
+	$(BIN)/edgerec train --out $(BENCH_BUNDLE) --quiet
+
+bench-latency: install $(BENCH_BUNDLE)/manifest.json
+	$(BIN)/python bench/bench_latency.py --bundle $(BENCH_BUNDLE)
+
+bench-topk: install
+	$(BIN)/python bench/bench_topk.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info edgerec-demo

@@ -66,6 +66,19 @@ def check_member_name(name: str) -> str:
     return name
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Refuse an output directory that exists, is not empty and is not a bundle (checked before training, so a
+    mistyped --out costs nothing).
+
+    Raises:
+        BundleError: ``out_dir`` is a file, or a non-empty directory without a manifest.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file())):
+        raise BundleError(f"{out_dir} exists and is not a bundle; choose an empty or new --out directory")
+    return out_dir
+
+
 def write_bundle(out_dir: str | os.PathLike, staged: str | os.PathLike, manifest: dict) -> Path:
     """Finish a bundle: hash every file in ``staged``, write ``manifest.json`` and move it to ``out_dir``.
 
@@ -85,9 +98,9 @@ def write_bundle(out_dir: str | os.PathLike, staged: str | os.PathLike, manifest
     with open(staged / MANIFEST, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.write("\n")
+    os.chmod(staged, 0o755)  # mkdtemp made it 0700; a bundle is read by the daemon's (other) user
     if out_dir.exists():
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-            raise BundleError(f"{out_dir} exists and is not a bundle; choose an empty or new --out directory")
+        check_out_dir(out_dir)
         old = Path(tempfile.mkdtemp(prefix=".old-", dir=out_dir.parent))
         os.replace(out_dir, old / "b")
         os.replace(staged, out_dir)

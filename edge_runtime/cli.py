@@ -90,6 +90,8 @@ def _train(args) -> int:
     from trainer.data import DataError
     from trainer.train import run
 
+    from .errors import BundleError
+
     overrides = dict(data=args.data, columns=args.columns, attributes=args.attributes, epochs=args.epochs,
                      patience=args.patience, loss=args.loss, hidden=args.hidden, blocks=args.blocks,
                      dropout=args.dropout, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
@@ -98,7 +100,7 @@ def _train(args) -> int:
         cfg = (TrainConfig.from_toml(args.config, **overrides) if args.config
                else TrainConfig.from_dict({}, **overrides))
         run(cfg, args.out, progress=not args.quiet)
-    except (DataError, ValueError, OSError) as exc:
+    except (DataError, BundleError, ValueError, OSError) as exc:
         print(f"edgerec train: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -137,7 +139,11 @@ def _serve(args) -> int:
 
 def _client(args):
     from .client import Client
-    return Client(args.host, args.port, unix=args.unix)
+    where = f"unix socket {args.unix}" if args.unix else f"{args.host}:{args.port}"
+    try:
+        return Client(args.host, args.port, unix=args.unix)
+    except OSError as exc:
+        raise OSError(f"cannot reach the daemon at {where}: {exc.strerror or exc}") from None
 
 
 def _recommend(args) -> int:
@@ -176,6 +182,7 @@ def _track(args) -> int:
     except (OSError, RpcError) as exc:
         print(f"edgerec track: {exc}", file=sys.stderr)
         return 1
+    print(f"ok: {args.event} of {args.item} by {args.user}")
     return 0
 
 

@@ -6,8 +6,15 @@ DEFAULT_PORT = 7700
 # A recommend request with a 1,000-item history is ~20 KB; 1 MiB leaves room for large track_batch calls while
 # bounding what one connection can make the daemon buffer.
 MAX_FRAME_BYTES = 1 << 20    # bytes
-# Requests one connection may have in flight before the daemon stops reading from it (back-pressure, not errors).
+# Requests one connection may have in flight before the daemon stops reading from it (back-pressure, not errors):
+# frames beyond it wait in the kernel's socket buffer, not in the daemon's memory.
 MAX_INFLIGHT_PER_CONNECTION = 64
+# Replies buffered for a client that does not read them; above it the daemon stops reading that client's requests.
+WRITE_HIGH_WATER_BYTES = 1 << 20   # bytes
+# Open connections; each may hold a partial frame of up to MAX_FRAME_BYTES, so this bounds that memory (1 GiB).
+MAX_CONNECTIONS = 1024
+# A frame started but not finished within this time closes the connection (slow-loris).
+STALLED_FRAME_SECONDS = 30.0       # s
 # Larger k is not a recommendation any more but a catalog dump; the scan cost is the same, the reply is not.
 MAX_K = 1000
 # history sent inline in a recommend call; the encoder reads only the last max_len (50) anyway.
@@ -18,6 +25,14 @@ MAX_ID_CHARS = 256           # user / item id length
 SESSION_EVENTS = 200
 MAX_SESSIONS = 100_000       # users kept in memory (LRU); ~200 events x ~100 B each at most per user
 CACHE_ENTRIES = 50_000       # cached recommend results (LRU)
+# Result items held by the cache in all (an entry weighs 1 + k); ~60 B per item id reference and score -> ~60 MB.
+CACHE_ITEMS = 1_000_000
+# Attribute values one category filter may name; each costs a scan of the attribute table.
+MAX_FILTER_VALUES = 100
+# Out-of-stock ids remembered (ids unknown to the current model included: a later model may know them).
+MAX_OUT_OF_STOCK = 1_000_000
+# Event timestamps above this (unix s, year 2286) are rejected as garbage.
+MAX_TS = 1e10
 SCORING_THREADS = 2          # threads that run encoder + scan; both release the GIL
 # After a fatal protocol error the daemon sends the error and EOF, then discards input this long before closing, so
 # the client reads the error rather than a TCP reset caused by its own unread bytes.

@@ -129,16 +129,17 @@ class Model:
         return (time.perf_counter() - t0) * 1e6
 
     def rows(self, items: Iterable[str]) -> tuple[list[int], list[str]]:
-        """External ids -> (known rows in order, unknown ids in order, deduplicated)."""
-        known, unknown = [], []
+        """External ids -> (known rows in order, unknown ids in first-seen order, deduplicated). O(len(items))."""
+        known: list[int] = []
+        unknown: dict[str, None] = {}
+        get = self.index.get
         for it in items:
-            r = self.index.get(it)
+            r = get(it)
             if r is None:
-                if it not in unknown:
-                    unknown.append(it)
+                unknown[it] = None
             else:
                 known.append(r)
-        return known, unknown
+        return known, list(unknown)
 
     def encode(self, rows: Sequence[int]) -> np.ndarray:
         """Item rows (oldest first) -> user vector float32 [d] from the last ``max_len`` of them."""

@@ -10,6 +10,11 @@ import time
 
 from .client import Client
 
+# `python -m edge_runtime` puts the working directory first on sys.path; starting the child in the directory that
+# holds the edge_runtime this process imported makes it run the same code (the installed package, native kernel
+# included, rather than a source checkout that happens to be the working directory).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
@@ -25,9 +30,9 @@ def start_daemon(bundle: str | os.PathLike, port: int, extra: list[str] | None =
     Raises:
         RuntimeError: the daemon exited or did not answer within ``timeout`` s (its stderr is in the message).
     """
-    cmd = [sys.executable, "-m", "edge_runtime", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-           "--port", str(port)] + (extra or [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "edge_runtime", "serve", "--bundle", os.path.abspath(bundle), "--host",
+           "127.0.0.1", "--port", str(port)] + (extra or [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=PACKAGE_ROOT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -6,12 +6,17 @@ request ``[0, msgid, method, params]``, response ``[1, msgid, error, result]``, 
 is accepted too). Errors are maps ``{code, name, message}`` (codes in ``errors.py``). Responses may come out of
 order; match them by msgid.
 
-Robustness: one ``msgpack.Unpacker`` per connection with ``max_buffer_size`` = ``const.MAX_FRAME_BYTES``, so no
-client makes the daemon buffer more than that. A frame that is too large, or bytes that are not MessagePack, get an
-error reply with msgid nil and the connection is closed (the stream cannot be re-synchronized). A well-formed
-frame that is not a valid request gets an error reply (with its msgid when one can be read) and the connection stays
-open. A handler exception becomes an error reply carrying the request's msgid. Nothing a client sends can stop the
-daemon or affect another connection.
+Robustness (every bound is in ``const.py``):
+* one ``msgpack.Unpacker`` per connection; a frame over ``MAX_FRAME_BYTES``, or bytes that are not MessagePack, get
+  an error reply with msgid nil and the connection is closed (the stream cannot be re-synchronized); so does a
+  frame that is not an array at all (the peer does not speak msgpack-rpc);
+* a well-formed array that is not a valid request gets an error reply (with its msgid when one can be read) and the
+  connection stays open; a handler exception becomes an error reply carrying the request's msgid;
+* back-pressure: at most ``MAX_INFLIGHT_PER_CONNECTION`` requests run per connection (further frames wait in the
+  socket, not in memory), and reading stops while the client does not read its replies (transport high-water mark);
+* at most ``MAX_CONNECTIONS`` connections; a partial frame that stalls for ``STALLED_FRAME_SECONDS`` closes its
+  connection;
+* a client that half-closes (EOF) still gets the replies to what it sent.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ log = logging.getLogger(__name__)
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _params_map(params: Any) -> dict:
     if isinstance(params, dict):
         return params
@@ -55,9 +64,12 @@ class RpcConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=server.max_frame_bytes, strict_map_key=False)
         self.inflight = 0
-        self.paused = False
+        self.reading_paused = False
+        self.write_paused = False
+        self.eof = False
         self.closed = False
         self.discarding = False
+        self._stall: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         # The Unpacker parses incrementally (max_buffer_size bounds unparsed bytes, not a frame), so the frame size
         # is tracked here: bytes fed so far minus the stream offset where the current frame started.
@@ -67,45 +79,118 @@ class RpcConnection(asyncio.Protocol):
     # -- transport callbacks ---------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if len(self.server.connections) >= self.server.max_connections:
+            log.warning("refusing a connection: %d connections open (limit)", len(self.server.connections))
+            self.closed = True
+            transport.close()
+            return
         self.server.connections.add(self)
+        self.transport.set_write_buffer_limits(high=const.WRITE_HIGH_WATER_BYTES)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._linger is not None:
-            self._linger.cancel()
+        for timer in (self._linger, self._stall):
+            if timer is not None:
+                timer.cancel()
         self.server.connections.discard(self)
+
+    # Reading is paused while too many requests run, while the client does not read its replies, or both.
+    def _update_reading(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        want_pause = self.inflight >= self.server.max_inflight or self.write_paused
+        if want_pause and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+            self._process()  # frames already buffered wait in the unpacker until now
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    def eof_received(self) -> bool:
+        """Half-close: keep the transport open to answer what was sent; close once nothing is in flight."""
+        self.eof = True
+        self._process()
+        self._close_if_done()
+        return True
+
+    def _close_if_done(self) -> None:
+        if self.eof and self.inflight == 0 and not self.closed and self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.closed or self.discarding:
             return
-        limit = self.server.max_frame_bytes
-        too_large = FrameTooLarge(f"frame larger than {limit} bytes; split the request (e.g. fewer events per "
-                                  f"track_batch); closing")
         self.fed += len(data)
         try:
             self.unpacker.feed(data)
         except msgpack.BufferFull:
-            self._fatal(too_large)
+            self._fatal(self._too_large())
             return
-        while not self.closed and not self.discarding:
+        self._process()
+
+    def _too_large(self) -> FrameTooLarge:
+        return FrameTooLarge(f"frame larger than {self.server.max_frame_bytes} bytes; split the request "
+                             f"(e.g. fewer events per track_batch); closing")
+
+    def _process(self) -> None:
+        """Dispatch buffered frames while the in-flight limit and the client's reading allow it."""
+        limit = self.server.max_frame_bytes
+        while not self.closed and not self.discarding and self.unpacker is not None:
+            if self.inflight >= self.server.max_inflight or self.write_paused:
+                self._update_reading()
+                return
             try:
                 msg = next(self.unpacker)
             except StopIteration:
                 if self.fed - self.frame_start > limit:
-                    self._fatal(too_large)
+                    self._fatal(self._too_large())
                 break
             except msgpack.BufferFull:
-                self._fatal(too_large)
+                self._fatal(self._too_large())
                 return
-            except Exception as exc:  # ExtraData, FormatError, StackError, ValueError: not MessagePack
+            except ValueError as exc:
+                # msgpack raises ValueError for declared lengths over its limits (derived from the frame limit)
+                if "exceeds" in str(exc):
+                    self._fatal(self._too_large())
+                else:
+                    self._fatal(ParseError(f"bytes are not a valid MessagePack frame ({type(exc).__name__}); "
+                                           f"closing"))
+                return
+            except Exception as exc:  # ExtraData, FormatError, StackError, UnicodeDecodeError, TypeError
                 self._fatal(ParseError(f"bytes are not a valid MessagePack frame ({type(exc).__name__}); closing"))
                 return
             end = self.unpacker.tell()
             size, self.frame_start = end - self.frame_start, end
             if size > limit:
-                self._fatal(too_large)
+                self._fatal(self._too_large())
                 return
-            self._dispatch(msg)
+            try:
+                self._dispatch(msg)
+            except RecursionError:
+                self._fatal(ProtocolError("message nested too deeply; closing"))
+                return
+        self._arm_stall_timer()
+
+    def _arm_stall_timer(self) -> None:
+        """A partial frame must complete within STALLED_FRAME_SECONDS (slow-loris connections are closed)."""
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        if not self.closed and self.fed > self.frame_start:
+            self._stall = asyncio.get_running_loop().call_later(self.server.stalled_frame_seconds, self._stalled)
+
+    def _stalled(self) -> None:
+        if not self.closed and self.fed > self.frame_start:
+            self._fatal(ProtocolError(f"partial frame stalled for {self.server.stalled_frame_seconds:g} s; closing"))
 
     # -- dispatch ----------------------------------------------------------------------------------------------
     def _dispatch(self, msg: Any) -> None:
@@ -113,19 +198,18 @@ class RpcConnection(asyncio.Protocol):
         if not isinstance(msg, (list, tuple)):
             self._fatal(ProtocolError(f"a msgpack-rpc message is an array, got {type(msg).__name__}; closing"))
             return
-        kind = msg[0] if msg else None
-        if kind == REQUEST and len(msg) == 4 and isinstance(msg[1], int) and not isinstance(msg[1], bool):
-            _, msgid, method, params = msg
-            self._run(msgid, method, params)
+        kind = msg[0] if msg and _is_int(msg[0]) else None
+        msgid = msg[1] if kind == REQUEST and len(msg) > 1 and _is_int(msg[1]) and 0 <= msg[1] <= 0xFFFFFFFF \
+            else None
+        if kind == REQUEST and len(msg) == 4 and msgid is not None:
+            self._run(msgid, msg[2], msg[3])
         elif kind == NOTIFICATION and len(msg) == 3:
-            _, method, params = msg
-            self._run(None, method, params)
+            self._run(None, msg[1], msg[2])
         else:
-            msgid = msg[1] if (kind == REQUEST and len(msg) > 1 and isinstance(msg[1], int)
-                               and not isinstance(msg[1], bool)) else None
+            first = type(msg[0]).__name__ if msg else "nothing"
             self._reply(msgid, ProtocolError(
-                "expected [0, msgid:int, method:str, params:array] or [2, method:str, params:array], "
-                f"got an array of {len(msg)} element(s) starting with {kind!r}").to_wire(), None)
+                "expected [0, msgid:uint32, method:str, params:array] or [2, method:str, params:array], "
+                f"got an array of {len(msg)} element(s) starting with {first}").to_wire(), None)
 
     def _run(self, msgid: int | None, method: Any, params: Any) -> None:
         try:
@@ -145,17 +229,18 @@ class RpcConnection(asyncio.Protocol):
         task = asyncio.ensure_future(handler(p))
         self.server.tasks.add(task)
         self.inflight += 1
-        if self.inflight >= self.server.max_inflight and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
         task.add_done_callback(lambda t, msgid=msgid, method=method: self._task_done(t, msgid, method))
 
     def _task_done(self, task: asyncio.Task, msgid: int | None, method: str) -> None:
         self.server.tasks.discard(task)
         self.inflight -= 1
-        if self.paused and self.inflight < self.server.max_inflight // 2 and not self.closed:
-            self.paused = False
-            self.transport.resume_reading()
+        self._reply_from(task, msgid, method)
+        self._update_reading()
+        if not self.reading_paused:
+            self._process()
+        self._close_if_done()
+
+    def _reply_from(self, task: asyncio.Task, msgid: int | None, method: str) -> None:
         if task.cancelled():
             self._finish(msgid, None, EdgeRuntimeError("request cancelled: the daemon is shutting down"))
             return
@@ -207,10 +292,14 @@ class RpcServer:
     """Listeners (TCP and/or Unix) for a Service, with graceful shutdown."""
 
     def __init__(self, service: Service, max_frame_bytes: int = const.MAX_FRAME_BYTES,
-                 max_inflight: int = const.MAX_INFLIGHT_PER_CONNECTION):
+                 max_inflight: int = const.MAX_INFLIGHT_PER_CONNECTION, max_connections: int = const.MAX_CONNECTIONS,
+                 stalled_frame_seconds: float = const.STALLED_FRAME_SECONDS):
         self.service = service
         self.max_frame_bytes = max_frame_bytes
         self.max_inflight = max_inflight
+        self.max_connections = max_connections
+        self.stalled_frame_seconds = stalled_frame_seconds
+        self._unix_inode: int | None = None
         self.connections: set[RpcConnection] = set()
         self.tasks: set[asyncio.Task] = set()
         self.servers: list[asyncio.base_events.Server] = []
@@ -230,13 +319,10 @@ class RpcServer:
                 self.addresses.append(f"tcp://{addr[0]}:{addr[1]}" if sock.family == socket.AF_INET
                                       else f"tcp://[{addr[0]}]:{addr[1]}")
         if unix is not None:
-            try:
-                if stat.S_ISSOCK(os.stat(unix).st_mode):
-                    os.unlink(unix)  # a stale socket from a previous run
-            except FileNotFoundError:
-                pass
+            _remove_stale_socket(unix)
             srv = await loop.create_unix_server(factory, unix)
             os.chmod(unix, 0o660)
+            self._unix_inode = os.stat(unix).st_ino
             self.servers.append(srv)
             self.addresses.append(f"unix://{unix}")
         return self.addresses
@@ -256,6 +342,40 @@ class RpcServer:
                 conn.transport.close()
         for srv in self.servers:
             await srv.wait_closed()
+
+    def remove_unix_socket(self, path: str) -> None:
+        """Unlink our socket file, unless another process has bound the path since."""
+        try:
+            if self._unix_inode is not None and os.stat(path).st_ino == self._unix_inode:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead daemon; refuse one a live daemon still answers on.
+
+    Raises:
+        OSError: the path is a live socket or not a socket.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket; choose another --unix path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: stale
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise OSError(f"another process is listening on {path}; stop it or choose another --unix path")
 
 
 async def serve(service: Service, host: str | None, port: int | None, unix: str | None,
@@ -286,9 +406,6 @@ async def serve(service: Service, host: str | None, port: int | None, unix: str 
             except (NotImplementedError, RuntimeError):
                 pass
         if unix is not None:
-            try:
-                os.unlink(unix)
-            except OSError:
-                pass
+            server.remove_unix_socket(unix)
         service.executor.shutdown(wait=True)
         log.info("stopped")

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
+import reprlib
 import time
 from typing import Any, Callable
+
+import msgpack
 
 import numpy as np
 
@@ -38,6 +42,15 @@ _ONE = np.ones(1, dtype=np.float32)
 # ---------------------------------------------------------------------------------------------------- validation
 def _type_name(v: Any) -> str:
     return "nil" if v is None else type(v).__name__
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 2, 60, 60, 4, 4
+
+
+def short(v: Any) -> str:
+    """A bounded repr for error messages (deeply nested or huge values stay short)."""
+    return _repr.repr(v)
 
 
 def as_id(v: Any, name: str) -> str:
@@ -73,29 +86,31 @@ def as_bool(v: Any, name: str) -> bool:
 
 
 def as_ts(v: Any, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
-        raise InvalidParams(f"'{name}' must be a unix time in seconds (a non-negative number), got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or not 0 <= v <= const.MAX_TS:
+        raise InvalidParams(f"'{name}' must be a unix time in seconds (0 to {const.MAX_TS:.0e}), got {short(v)}")
     return float(v)
 
 
 def check_keys(p: dict, allowed: tuple[str, ...], required: tuple[str, ...], where: str) -> None:
     unknown = [k for k in p if k not in allowed]
     if unknown:
-        raise InvalidParams(f"{where}: unknown parameter(s) {unknown!r}; allowed: {list(allowed)}")
+        raise InvalidParams(f"{where}: unknown parameter(s) {short(unknown)}; allowed: {list(allowed)}")
     for k in required:
         if k not in p:
             raise InvalidParams(f"{where}: missing required parameter '{k}'")
 
 
 def as_event(p: dict, where: str) -> tuple[str, str, str, float | None]:
+    """Validate one event map; error messages name ``where`` (e.g. ``events[3]``) and the parameter."""
     if not isinstance(p, dict):
         raise InvalidParams(f"{where} must be a map {{user, item, event, ts?}}, got {_type_name(p)}")
     check_keys(p, ("user", "item", "event", "ts"), ("user", "item", "event"), where)
+    prefix = "" if where == "track" else f"{where}."
     event = p["event"]
-    if event not in EVENTS:
-        raise InvalidParams(f"{where}: 'event' must be one of {list(EVENTS)}, got {event!r}")
-    ts = as_ts(p["ts"], "ts") if p.get("ts") is not None else None
-    return as_id(p["user"], "user"), as_id(p["item"], "item"), event, ts
+    if not isinstance(event, str) or event not in EVENTS:
+        raise InvalidParams(f"{where}: 'event' must be one of {list(EVENTS)}, got {short(event)}")
+    ts = as_ts(p["ts"], f"{prefix}ts") if p.get("ts") is not None else None
+    return as_id(p["user"], f"{prefix}user"), as_id(p["item"], f"{prefix}item"), event, ts
 
 
 # ---------------------------------------------------------------------------------------------------- service
@@ -109,13 +124,13 @@ class Service:
 
     def __init__(self, model: Model, executor: concurrent.futures.Executor | None = None,
                  max_sessions: int = const.MAX_SESSIONS, session_events: int = const.SESSION_EVENTS,
-                 cache_entries: int = const.CACHE_ENTRIES):
+                 cache_entries: int = const.CACHE_ENTRIES, cache_items: int = const.CACHE_ITEMS):
         self.model = model
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(const.SCORING_THREADS,
                                                                           thread_name_prefix="score")
         self.sessions = SessionStore(max_sessions, session_events)
-        self.cache = ResultCache(cache_entries)
-        self.out_of_stock: set[str] = set()
+        self.cache = ResultCache(cache_entries, cache_items)
+        self.out_of_stock: frozenset[str] = frozenset()  # replaced, never mutated: requests share it lock-free
         self._stock_mask: tuple[str, int, np.ndarray | None] | None = None
         self._stock_version = 0
         self.started = time.time()
@@ -150,17 +165,21 @@ class Service:
         log.info("model %s -> %s", old.version if old else None, model.version)
 
     # -- recommend -------------------------------------------------------------------------------------------
-    def _allow_mask(self, model: Model, categories: tuple[str, ...] | None) -> np.ndarray | None:
-        """Packed allow-bitset: in stock AND (any of ``categories`` when given); None when everything passes."""
+    def _allow_mask(self, model: Model, categories: tuple[str, ...] | None, out_of_stock: frozenset | None,
+                    stock_version: int) -> np.ndarray | None:
+        """Packed allow-bitset: in stock AND (any of ``categories`` when given); None when everything passes.
+        Runs in a scoring thread (building a mask costs O(N)); the stock mask is memoized per model and
+        availability version."""
         mask = None
-        if self.out_of_stock:
-            key = (model.version, self._stock_version)
-            if self._stock_mask is None or self._stock_mask[:2] != key:
+        if out_of_stock:
+            key = (model.version, stock_version)
+            memo = self._stock_mask
+            if memo is None or memo[:2] != key:
                 ok = np.ones(model.num_items, dtype=bool)
-                rows, _ = model.rows(self.out_of_stock)
+                rows, _ = model.rows(out_of_stock)
                 ok[rows] = False
-                self._stock_mask = (*key, scoring.pack_mask(ok))
-            mask = self._stock_mask[2]
+                memo = self._stock_mask = (*key, scoring.pack_mask(ok))
+            mask = memo[2]
         if categories is not None:
             cat = model.attribute_mask(categories)
             mask = cat if mask is None else np.bitwise_and(mask, cat)
@@ -176,10 +195,12 @@ class Service:
         categories = None
         if "category" in f:
             c = f["category"]
+            if c is None:
+                raise InvalidParams("'filters.category' must be a category id or an array of them, got nil")
             values = c if isinstance(c, (list, tuple)) else [c]
             if not values:
                 raise InvalidParams("'filters.category' must name at least one category")
-            categories = tuple(sorted(set(as_id_list(values, "filters.category", const.MAX_HISTORY))))
+            categories = tuple(sorted(set(as_id_list(values, "filters.category", const.MAX_FILTER_VALUES))))
             if model.attr_indptr is None:
                 raise InvalidParams("'filters.category': the loaded model has no item attributes")
         exclude = as_id_list(f.get("exclude", []), "filters.exclude", const.MAX_HISTORY)
@@ -198,7 +219,9 @@ class Service:
         session = self.sessions.get(user) if user is not None else None
         cache_key = None
         if user is not None and history is None:
-            cache_key = (k, exclude_seen, categories, tuple(exclude_ids), self._stock_version)
+            # fixed-size key whatever the filters hold
+            cache_key = hashlib.blake2b(msgpack.packb([k, exclude_seen, categories, exclude_ids,
+                                                       self._stock_version]), digest_size=16).digest()
             hit = self.cache.get(user, cache_key, session.version if session else 0, model.version)
             if hit is not None:
                 return hit
@@ -207,9 +230,10 @@ class Service:
         excl_rows, _ = model.rows(exclude_ids)
         if exclude_seen:
             excl_rows = excl_rows + rows
-        allow = self._allow_mask(model, categories)
+        stock = self.out_of_stock or None
         loop = asyncio.get_running_loop()
-        ids, scores = await loop.run_in_executor(self.executor, _score, model, rows, k, excl_rows, allow)
+        ids, scores = await loop.run_in_executor(self.executor, self._score, model, rows, k, excl_rows, categories,
+                                                 stock, self._stock_version)
         result = {"items": [model.item_ids[i] for i in ids], "scores": scores.tolist(),
                   "model_version": model.version, "ignored": ignored,
                   "source": "model" if rows else "popularity"}
@@ -222,6 +246,10 @@ class Service:
 
     # -- events ----------------------------------------------------------------------------------------------
     def _apply(self, user: str, item: str, event: str, ts: float | None) -> None:
+        m = self.model
+        row = m.index.get(item) if m is not None else None
+        if row is not None:
+            item = m.item_ids[row]  # share the model's string instead of keeping a copy per event
         self.sessions.track(user, item, event, ts)
         self.cache.invalidate(user)
 
@@ -246,9 +274,12 @@ class Service:
         check_keys(p, ("items", "in_stock"), ("items", "in_stock"), "set_availability")
         items = as_id_list(p["items"], "items", const.MAX_BATCH_EVENTS)
         if as_bool(p["in_stock"], "in_stock"):
-            self.out_of_stock.difference_update(items)
+            self.out_of_stock = self.out_of_stock.difference(items)
         else:
-            self.out_of_stock.update(items)
+            updated = self.out_of_stock.union(items)
+            if len(updated) > const.MAX_OUT_OF_STOCK:
+                raise InvalidParams(f"at most {const.MAX_OUT_OF_STOCK} items can be out of stock at once")
+            self.out_of_stock = updated
         self._stock_version += 1
         return {"ok": True, "out_of_stock": len(self.out_of_stock)}
 
@@ -261,6 +292,17 @@ class Service:
                 "cache_entries": len(self.cache), "scoring": scoring.IMPLEMENTATION,
                 "precision": m.precision if m else None}
 
+    def _score(self, model: Model, rows: list[int], k: int, exclude: list[int], categories, out_of_stock,
+               stock_version: int):
+        """Filters + encoder + exact top-k scan (runs in a scoring thread). No known context -> the popularity list
+        through the same scan, so filters apply to it too."""
+        allow = self._allow_mask(model, categories, out_of_stock, stock_version)
+        excl = np.asarray(exclude, dtype=np.int64) if exclude else None
+        if rows:
+            u = model.encode(rows)
+            return scoring.topk(u, model.items, k, item_scales=model.scales, exclude=excl, allow=allow)
+        return scoring.topk(_ONE, model.popularity_column, k, exclude=excl, allow=allow)
+
     def model_info(self, p: dict) -> dict:
         check_keys(p, (), (), "model_info")
         if self.model is None:
@@ -268,11 +310,3 @@ class Service:
         return self.model.summary()
 
 
-def _score(model: Model, rows: list[int], k: int, exclude: list[int], allow: np.ndarray | None):
-    """Encoder + exact top-k scan (runs in a scoring thread). No known context -> popularity list through the
-    same scan, so filters apply to it too."""
-    excl = np.asarray(exclude, dtype=np.int64) if exclude else None
-    if rows:
-        u = model.encode(rows)
-        return scoring.topk(u, model.items, k, item_scales=model.scales, exclude=excl, allow=allow)
-    return scoring.topk(_ONE, model.popularity_column, k, exclude=excl, allow=allow)

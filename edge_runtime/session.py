@@ -42,6 +42,9 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self.evicted = 0
         self.events_tracked = 0
+        # Session versions come from one clock, so a session re-created after eviction never reuses a version a
+        # cached result was computed for.
+        self._clock = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -61,7 +64,8 @@ class SessionStore:
             self._sessions.move_to_end(user)
         now = time.time()
         s.events.append((item, event, float(ts) if ts is not None else now))
-        s.version += 1
+        self._clock += 1
+        s.version = self._clock
         s.last_seen = now
         self.events_tracked += 1
         return s
@@ -69,12 +73,17 @@ class SessionStore:
 
 class ResultCache:
     """LRU cache of recommend results keyed by (user, request parameters), valid only for the session version and
-    model version it was computed with. ``invalidate(user)`` drops every entry of a user (called on each event)."""
+    model version it was computed with. ``invalidate(user)`` drops every entry of a user (called on each event).
 
-    def __init__(self, max_entries: int):
+    Bounded twice: at most ``max_entries`` entries and at most ``max_items`` result items in all (an entry weighs
+    1 + len(items)), so large-k results cannot blow the memory budget."""
+
+    def __init__(self, max_entries: int, max_items: int = 1_000_000):
         self.max_entries = max_entries
+        self.max_items = max_items
         self._entries: OrderedDict[tuple[str, Hashable], tuple[int, str, dict]] = OrderedDict()
         self._by_user: dict[str, set] = {}
+        self.weight = 0
         self.hits = 0
         self.misses = 0
 
@@ -94,11 +103,15 @@ class ResultCache:
         if self.max_entries <= 0:
             return
         key = (user, params)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.weight -= _weight(old[2])
         self._entries[key] = (session_version, model_version, result)
-        self._entries.move_to_end(key)
+        self.weight += _weight(result)
         self._by_user.setdefault(user, set()).add(params)
-        while len(self._entries) > self.max_entries:
-            (old_user, old_params), _ = self._entries.popitem(last=False)
+        while self._entries and (len(self._entries) > self.max_entries or self.weight > self.max_items):
+            (old_user, old_params), (_, _, res) = self._entries.popitem(last=False)
+            self.weight -= _weight(res)
             keys = self._by_user.get(old_user)
             if keys is not None:
                 keys.discard(old_params)
@@ -109,9 +122,16 @@ class ResultCache:
         """Drop every cached result of ``user``; returns how many."""
         keys = self._by_user.pop(user, ())
         for params in keys:
-            self._entries.pop((user, params), None)
+            old = self._entries.pop((user, params), None)
+            if old is not None:
+                self.weight -= _weight(old[2])
         return len(keys)
 
     def clear(self) -> None:
         self._entries.clear()
         self._by_user.clear()
+        self.weight = 0
+
+
+def _weight(result: dict) -> int:
+    return 1 + len(result.get("items", ()))

@@ -1,6 +1,8 @@
 """Integration: `edgerec serve` as a subprocess on a free loopback port, driven by a plain msgpack socket client."""
 from __future__ import annotations
 
+from edge_runtime.process import PACKAGE_ROOT
+
 import socket
 import subprocess
 import sys
@@ -356,6 +358,75 @@ def test_client_that_disconnects_mid_request(daemon):
     assert_alive(daemon[1])
 
 
+def test_pipelined_flood_is_bounded_and_loses_nothing(daemon):
+    """A client that sends 3,000 requests without reading any reply neither starves others nor loses replies."""
+    flood = Raw(daemon[1])
+    frames = b"".join(msgpack.packb([0, i, "recommend", [{"history": [str(1 + i % 50)], "k": 50}]])
+                      for i in range(3000))
+    sender = __import__("threading").Thread(target=flood.send_raw, args=(frames,))
+    sender.start()
+    assert_alive(daemon[1])                   # answered while the flood is pending
+    got = set()
+    for _ in range(3000):
+        msg = flood.read()
+        assert msg[2] is None and len(msg[3]["items"]) == 50
+        got.add(msg[1])
+    sender.join()
+    assert got == set(range(3000))
+    flood.close()
+
+
+def test_half_closed_client_gets_its_replies(daemon):
+    s = socket.create_connection(("127.0.0.1", daemon[1]), timeout=10)
+    s.sendall(b"".join(msgpack.packb([0, i, "recommend", [{"history": ["1"], "k": 5}]]) for i in range(20)))
+    s.shutdown(socket.SHUT_WR)
+    unpacker, replies = msgpack.Unpacker(raw=False), []
+    while True:
+        data = s.recv(65536)
+        if not data:
+            break
+        unpacker.feed(data)
+        replies.extend(unpacker)
+    s.close()
+    assert sorted(r[1] for r in replies) == list(range(20)) and all(r[2] is None for r in replies)
+
+
+@pytest.mark.parametrize("frame", [[0.0, 1, "health", []], [False, 1, "health", []], [0, -5, "health", []],
+                                   [0, 2 ** 40, "health", []]])
+def test_kind_and_msgid_must_be_msgpack_rpc_integers(raw, frame):
+    raw.send_raw(msgpack.packb(frame))
+    msg = raw.read()
+    assert msg[2]["code"] == -32600 and msg[1] is None
+
+
+def test_deeply_nested_values_get_invalid_params(daemon, raw):
+    deep = "view"
+    for _ in range(900):
+        deep = [deep]
+    err, _ = raw.request("track", {"user": "u", "item": "1", "event": deep})
+    assert err["code"] == -32602 and len(err["message"]) < 300
+    raw.send_raw(b"\x94" + b"\x91" * 900 + b"\x00\x01\xa6health\x90")
+    msg = raw.read()
+    assert msg is not None and msg[2]["code"] == -32600
+    assert_alive(daemon[1])
+
+
+def test_batch_errors_name_the_event(raw):
+    err, _ = raw.request("track_batch", {"events": [{"user": "u", "item": "1", "event": "view"},
+                                                    {"user": "u", "item": "1", "event": "view", "ts": 1e308}]})
+    assert err["code"] == -32602 and "events[1].ts" in err["message"]
+    err, _ = raw.request("track_batch", {"events": [{"user": None, "item": "1", "event": "view"}]})
+    assert "events[0].user" in err["message"]
+
+
+def test_many_unknown_out_of_stock_ids(raw, tiny_bundle):
+    ghosts = [f"ghost-{i}" for i in range(10_000)]
+    assert raw.call("set_availability", items=ghosts, in_stock=False)["out_of_stock"] == 10_000
+    res = raw.call("recommend", history=["1"], k=5)
+    assert len(res["items"]) == 5
+    assert raw.call("set_availability", items=ghosts, in_stock=True)["out_of_stock"] == 0
+
+
 # ------------------------------------------------------------------------------------------------ lifecycle
 def test_unix_socket_and_sigterm(tiny_bundle, tmp_path):
     from edge_runtime.client import Client
@@ -371,6 +442,23 @@ def test_unix_socket_and_sigterm(tiny_bundle, tmp_path):
     assert "stopped" in proc.stderr.read()
 
 
+def test_unix_socket_of_a_live_daemon_is_not_taken_over(tiny_bundle, tmp_path):
+    from edge_runtime.client import Client
+    from edge_runtime.process import free_port, start_daemon, stop_daemon
+
+    path = str(tmp_path / "d.sock")
+    first = start_daemon(tiny_bundle, free_port(), ["--unix", path])
+    try:
+        second = subprocess.run([sys.executable, "-m", "edge_runtime", "serve", "--bundle", str(tiny_bundle),
+                                 "--port", "-1", "--unix", path], capture_output=True, text=True, timeout=60,
+                                cwd=PACKAGE_ROOT)
+        assert second.returncode == 2 and "another process is listening" in second.stderr
+        with Client(unix=path) as c:
+            assert c.call("health")["status"] == "ok"
+    finally:
+        assert stop_daemon(first) == 0
+
+
 def test_refuses_tampered_bundle(tiny_bundle, tmp_path):
     import shutil
     bad = tmp_path / "bad"
@@ -379,6 +467,6 @@ def test_refuses_tampered_bundle(tiny_bundle, tmp_path):
     arr[0, 0] ^= 1
     np.save(bad / "items.i8.npy", arr)
     out = subprocess.run([sys.executable, "-m", "edge_runtime", "serve", "--bundle", str(bad), "--port", "0"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, cwd=PACKAGE_ROOT)
     assert out.returncode == 2
     assert "items.i8.npy" in out.stderr and "checksum" in out.stderr

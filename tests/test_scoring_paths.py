@@ -2,6 +2,8 @@
 is chosen once per process, as faiss tests/test_simd_dispatch.py does)."""
 from __future__ import annotations
 
+from edge_runtime.process import PACKAGE_ROOT
+
 import os
 import subprocess
 import sys
@@ -24,11 +26,11 @@ def levels() -> list[str]:
 def run_suite(env_extra: dict, expect: str) -> None:
     env = dict(os.environ, **env_extra)
     code = f"from edge_runtime import scoring; print(scoring.IMPLEMENTATION)"
-    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT)
     assert got.stdout.strip() == expect
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                           str(HERE / "test_scoring.py"), "-k", "not releases_the_gil"],
-                         env=env, capture_output=True, text=True, timeout=900)
+                         env=env, capture_output=True, text=True, timeout=900, cwd=PACKAGE_ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
 
@@ -52,6 +54,6 @@ def test_unsupported_level_falls_back_with_a_note():
         pytest.skip("native kernel not built")
     code = "from edge_runtime import _native as n; print(n.simd_level(), '|', n.simd_note())"
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGE_RUNTIME_SIMD="sse9"),
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT).stdout
     level, note = [s.strip() for s in out.split("|")]
     assert level == levels()[0] and "sse9" in note

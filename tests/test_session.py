@@ -25,3 +25,20 @@ def test_cache_versions_and_invalidation():
         c.put(f"u{i}", "p", 0, "m", {"i": i})
     assert len(c) == 2 and c.get("u0", "p", 0, "m") is None and c.get("u2", "p", 0, "m") == {"i": 2}
     assert c.hits >= 2 and c.misses >= 3
+
+
+def test_versions_never_repeat_after_eviction():
+    s = SessionStore(max_sessions=1, max_events=3)
+    v1 = s.track("a", "1", "view").version
+    s.track("b", "2", "view")            # evicts a
+    v2 = s.track("a", "3", "view").version
+    assert v2 != v1 and v2 > v1
+
+
+def test_cache_weight_bound():
+    c = ResultCache(max_entries=100, max_items=25)
+    for i in range(5):
+        c.put(f"u{i}", "p", 0, "m", {"items": list(range(10))})
+    assert c.weight <= 25 and len(c) == 2
+    c.invalidate("u4")
+    assert c.weight == 11

@@ -1,6 +1,8 @@
 """SASRec model, ONNX export and int8 quantization."""
 from __future__ import annotations
 
+from edge_runtime.process import PACKAGE_ROOT
+
 import subprocess
 import sys
 
@@ -75,7 +77,7 @@ def test_config_rejects_unknown_and_invalid(tmp_path):
 def test_daemon_modules_do_not_import_torch():
     code = ("import sys, edge_runtime.cli, edge_runtime.server, edge_runtime.service, edge_runtime.model, "
             "edge_runtime.client; assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE_ROOT)
 
 
 def test_cli_train_on_a_table(tmp_path):
@@ -90,10 +92,10 @@ def test_cli_train_on_a_table(tmp_path):
     p.write_text("\n".join(rows) + "\n")
     out = subprocess.run([sys.executable, "-m", "edge_runtime", "train", "--data", str(p), "--out",
                           str(tmp_path / "b"), "--epochs", "2", "--hidden", "16", "--quiet"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, cwd=PACKAGE_ROOT)
     assert out.returncode == 0, out.stderr
     assert "int8 (ONNX int8, int8 items)" in out.stdout and "NDCG@10" in out.stdout
     assert (tmp_path / "b" / "manifest.json").is_file() and (tmp_path / "b" / "item_attr_indptr.npy").is_file()
     bad = subprocess.run([sys.executable, "-m", "edge_runtime", "train", "--data", str(tmp_path / "nope.csv"),
-                          "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120)
+                          "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120, cwd=PACKAGE_ROOT)
     assert bad.returncode == 2 and "no such file" in bad.stderr

@@ -40,6 +40,8 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_len: int) -
     dummy = torch.zeros((2, max_len), dtype=torch.long)
     dummy[:, -3:] = torch.tensor([1, 2, 3])
     import warnings
+    # torch's exporter logs a warning per torchvision op it cannot register; irrelevant here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
@@ -59,6 +61,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike) -> 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.WARNING)  # ONNX Runtime's quantizer logs one INFO line per tensor on the root logger
+    # optimum warns that our encoder has no Hugging Face config.json (it needs none)
+    logging.getLogger("optimum.onnxruntime.quantization").setLevel(logging.ERROR)
     try:
         quantizer = ORTQuantizer.from_pretrained(fp32_path.parent, file_name=fp32_path.name)
         qconfig = AutoQuantizationConfig.avx2(is_static=False, per_channel=False)

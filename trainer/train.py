@@ -151,8 +151,11 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
 
 def run(cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True, printer=print) -> dict:
     """Everything ``edgerec train`` does; returns the bundle manifest. See the module docstring."""
+    from edge_runtime.bundle import check_out_dir
+
     from .export import build_bundle
 
+    check_out_dir(out_dir)
     data = data_mod.load(cfg.data, columns=cfg.columns, attributes=cfg.attributes)
     s = data.summary()
     printer(f"data: {data.source['path']} ({data.source['format']}): {s['users']} users, {s['items']} items, "
