@@ -27,6 +27,7 @@ bench-latency: install $(BENCH_BUNDLE)/manifest.json
 	$(BIN)/python bench/bench_latency.py --bundle $(BENCH_BUNDLE)
 
 bench-topk: install
+	$(BIN)/python -m pip install --quiet '.[bench]'
 	$(BIN)/python bench/bench_topk.py
 
 clean:

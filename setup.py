@@ -75,6 +75,8 @@ setup(
         # the Numba fallback kernel, used when the native kernel is not built (NumPy is the last resort)
         "numba": ["numba>=0.58"],
         "test": ["pytest>=8", "hypothesis>=6", "numba>=0.58"],
+        # what bench/ compares against, and its plots
+        "bench": ["faiss-cpu>=1.8", "usearch>=2.10", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["edgerec = edge_runtime.cli:main"]},
     ext_modules=[Extension("edge_runtime._native", sources=[])],

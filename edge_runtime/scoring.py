@@ -72,6 +72,39 @@ def simd_level() -> str:
     return _native.simd_level() if _native is not None else "none"
 
 
+class PackedInt8:
+    """int8 items in the native kernel's VNNI tile layout (16 rows interleaved by 4 bytes), for int8 queries.
+
+    Built once with ``pack_int8`` (like an index's own storage); ``topk`` accepts it as ``items`` with an int8 query.
+    The row-major ``items`` are kept by reference for the Numba / NumPy backends.
+
+    Attributes:
+        items: int8 [N, d] row-major; scales: float32 [N]; packed: uint8 tiles, or None without the native kernel.
+    """
+
+    def __init__(self, items: np.ndarray, scales: np.ndarray):
+        _check_items(items, scales)
+        if items.dtype != np.int8:
+            raise ValueError(f"pack_int8 needs int8 items, got {items.dtype}; see quantize_rows")
+        if items.shape[1] > MAX_DIM_INT8_QUERY:
+            raise ValueError(f"packed int8 items support d <= {MAX_DIM_INT8_QUERY}")
+        self.items, self.scales = items, scales
+        self.packed = _native.pack_i8(items) if _native is not None else None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.items.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes if self.packed is not None else self.items.nbytes
+
+
+def pack_int8(items: np.ndarray, scales: np.ndarray) -> PackedInt8:
+    """Pack int8 items [N, d] (with float32 [N] scales) for the fastest int8-query scan; see ``PackedInt8``."""
+    return PackedInt8(items, scales)
+
+
 def _fix(name: str, dtype) -> str:
     return f"convert with np.ascontiguousarray({name}, dtype=np.{np.dtype(dtype).name})"
 
@@ -160,7 +193,7 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, *, item_scales: np.ndar
 
     Args:
         queries: float32 [d] or [B, d] (B <= 4096); or int8 with ``query_scales`` (int8 items only).
-        items: float32 [N, d], or int8 [N, d] with ``item_scales``; C-contiguous.
+        items: float32 [N, d], or int8 [N, d] with ``item_scales``; C-contiguous; or ``PackedInt8`` (int8 queries).
         k: number of results, >= 1 (k > N returns at most N).
         item_scales: float32 [N], per-row scales of int8 items.
         query_scales: float32 [B] (or a scalar for a single query), scales of int8 queries.
@@ -179,6 +212,13 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, *, item_scales: np.ndar
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    packed = None
+    if isinstance(items, PackedInt8):
+        packed, items = items, items.items
+        if item_scales is None:
+            item_scales = packed.scales
+        if queries.dtype != np.int8:
+            raise ValueError("packed int8 items take int8 queries; see quantize_queries")
     _check_items(items, item_scales)
     if not isinstance(queries, np.ndarray):
         raise ValueError(f"queries must be a NumPy array, got {type(queries).__name__}; use np.asarray(q, np.float32)")
@@ -208,7 +248,10 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, *, item_scales: np.ndar
         raise ValueError(f"queries must be C-contiguous; {_fix('queries', q.dtype)}")
     excl = None
     if exclude is not None:
-        excl = np.unique(np.asarray(exclude, dtype=np.int64).ravel())
+        excl = np.asarray(exclude, dtype=np.int64).ravel()
+        if len(excl) > 1 and not bool(np.all(excl[1:] > excl[:-1])):  # O(m) check; sort only when needed
+            excl = np.unique(excl)
+        excl = np.ascontiguousarray(excl)
         if len(excl) and (excl[0] < 0 or excl[-1] >= n):
             raise ValueError(f"exclude holds item indices outside [0, {n})")
         if not len(excl):
@@ -223,6 +266,9 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, *, item_scales: np.ndar
         raise ValueError(f"backend {backend!r} is not available; available: {available_backends()}")
     if q.shape[0] == 0 or n == 0:
         ids, sc = np.zeros((q.shape[0], 0), np.int64), np.zeros((q.shape[0], 0), np.float32)
+    elif backend == "native" and packed is not None and packed.packed is not None:
+        ids, sc = _native.topk_packed(q, packed.packed, n, d, int(k), item_scales, query_scales, allow, excl,
+                                      1 if num_threads is None else max(1, int(num_threads)))
     elif backend == "native":
         ids, sc = _native.topk(q, items, int(k), item_scales, query_scales, allow, excl,
                                1 if num_threads is None else max(1, int(num_threads)))

@@ -147,6 +147,7 @@ class RpcConnection(asyncio.Protocol):
         while not self.closed and not self.discarding and self.unpacker is not None:
             if self.inflight >= self.server.max_inflight or self.write_paused:
                 self._update_reading()
+                self._cancel_stall_timer()  # waiting on us (or on the client reading), not a stalled frame
                 return
             try:
                 msg = next(self.unpacker)
@@ -180,11 +181,14 @@ class RpcConnection(asyncio.Protocol):
                 return
         self._arm_stall_timer()
 
-    def _arm_stall_timer(self) -> None:
-        """A partial frame must complete within STALLED_FRAME_SECONDS (slow-loris connections are closed)."""
+    def _cancel_stall_timer(self) -> None:
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
+
+    def _arm_stall_timer(self) -> None:
+        """A partial frame must complete within STALLED_FRAME_SECONDS (slow-loris connections are closed)."""
+        self._cancel_stall_timer()
         if not self.closed and self.fed > self.frame_start:
             self._stall = asyncio.get_running_loop().call_later(self.server.stalled_frame_seconds, self._stalled)
 
@@ -393,6 +397,9 @@ async def serve(service: Service, host: str | None, port: int | None, unix: str 
     m = service.model
     log.info("serving model %s (%s, %d items, scoring: %s) on %s", m.version, m.precision, m.num_items,
              scoring.IMPLEMENTATION, ", ".join(addresses))
+    note = scoring._native.simd_note() if scoring.BACKEND == "native" else ""
+    if note:
+        log.warning("%s; using %s", note, scoring.simd_level())
     if ready_callback is not None:
         ready_callback(addresses)
     try:

@@ -64,17 +64,24 @@ def test_implementation_is_the_requested_one():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["f32", "i8f", "i8i"])
+@pytest.mark.parametrize("mode", ["f32", "i8f", "i8i", "i8p"])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 63, 64, 65, 1000])
 @pytest.mark.parametrize("d", [1, 3, 17, 64, 100, 128, 257])
 def test_exact_against_reference(backend, mode, n, d):
     rng = np.random.default_rng(n * 1000 + d)
-    for nq in (1, 5):
-        q, items, kw = int_data(rng, n, d, nq, mode)
+    for nq in (1, 5, 9, 33):   # 9 and 33 take the batch kernel at every SIMD width
+        q, items, kw = int_data(rng, n, d, nq, "i8i" if mode == "i8p" else mode)
+        if mode == "i8p":      # packed tiles: topk takes the PackedInt8 in place of items + item_scales
+            packed = scoring.pack_int8(items, kw["item_scales"])
         for k in sorted({1, 10, n, n + 3}):
             excl = rng.choice(n, min(n, 3), replace=False) if n > 3 else ()
             allow = rng.random(n) < 0.8
-            ids, sc = scoring.topk(q, items, k, exclude=excl, allow=scoring.pack_mask(allow), backend=backend, **kw)
+            if mode == "i8p":
+                ids, sc = scoring.topk(q, packed, k, query_scales=kw["query_scales"], exclude=excl,
+                                       allow=scoring.pack_mask(allow), backend=backend)
+            else:
+                ids, sc = scoring.topk(q, items, k, exclude=excl, allow=scoring.pack_mask(allow), backend=backend,
+                                       **kw)
             rid, rsc = reference(q, items, k, exclude=excl, allow=allow, **kw)
             np.testing.assert_array_equal(ids, rid)
             np.testing.assert_array_equal(sc, rsc)
@@ -95,6 +102,13 @@ def test_large_and_threads(backend):
         single = scoring.topk(q[0], items, 100, exclude=excl, backend=backend,
                               **{k: (v[:1] if k == "query_scales" else v) for k, v in kw.items()})
         np.testing.assert_array_equal(single[0], rid[0])
+        if mode == "i8i":
+            packed = scoring.pack_int8(items, kw["item_scales"])
+            for threads in (1, 2):
+                ids, sc = scoring.topk(q, packed, 100, query_scales=kw["query_scales"], exclude=excl,
+                                       num_threads=threads, backend=backend)
+                np.testing.assert_array_equal(ids, rid)
+                np.testing.assert_array_equal(sc, rsc)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -177,6 +191,9 @@ def test_int8_items_match_dequantized(backend):
     (lambda: scoring.topk(np.ones(4, np.float32), np.ones((3, 4), np.float32), 1, allow=np.ones(3, bool)),
      "packed uint8"),
     (lambda: scoring.topk(np.ones(4, np.float32), np.ones((3, 4), np.float32), 1, backend="gpu"), "not available"),
+    (lambda: scoring.topk(np.ones(4, np.float32), scoring.pack_int8(np.ones((3, 4), np.int8), np.ones(3, np.float32)),
+                          1), "int8 queries"),
+    (lambda: scoring.pack_int8(np.ones((3, 4), np.float32), np.ones(3, np.float32)), "needs int8 items"),
 ])
 def test_bad_input_value_errors(call, words):
     with pytest.raises(ValueError, match=words):

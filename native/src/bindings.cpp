@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -38,18 +39,21 @@ void check_array(const py::array& a, const char* name, int ndim) {
             std::string(name) + " must be C-contiguous; pass np.ascontiguousarray(" + name + ")");
 }
 
-py::tuple topk(py::array queries, py::array items, std::int64_t k, py::object item_scales, py::object query_scales,
-               py::object allow, py::object exclude, int num_threads) {
+py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, int d_packed, std::int64_t k,
+                   py::object item_scales, py::object query_scales, py::object allow, py::object exclude,
+                   int num_threads, bool packed) {
     ScanArgs a;
-    const bool int8_items = items.dtype().is(py::dtype::of<std::int8_t>());
+    const bool int8_items = packed || items.dtype().is(py::dtype::of<std::int8_t>());
     const bool int8_queries = queries.dtype().is(py::dtype::of<std::int8_t>());
-    if (int8_items) check_array<std::int8_t>(items, "items", 2); else check_array<float>(items, "items", 2);
+    if (!packed) {
+        if (int8_items) check_array<std::int8_t>(items, "items", 2); else check_array<float>(items, "items", 2);
+    }
     if (int8_queries) check_array<std::int8_t>(queries, "queries", 2); else check_array<float>(queries, "queries", 2);
     require(k >= 1, "k must be >= 1");
-    a.n = items.shape(0);
-    a.d = static_cast<int>(items.shape(1));
+    a.n = packed ? n_packed : items.shape(0);
+    a.d = packed ? d_packed : static_cast<int>(items.shape(1));
     a.nq = static_cast<int>(queries.shape(0));
-    require(queries.shape(1) == items.shape(1), "queries and items must have the same dimension d");
+    require(queries.shape(1) == a.d, "queries and items must have the same dimension d");
     require(a.d >= 1 && a.d <= 16384, "d must be between 1 and 16384");
     require(a.nq <= 4096, "at most 4096 queries per call");
     py::array_t<float> iscales, qscales;
@@ -67,8 +71,9 @@ py::tuple topk(py::array queries, py::array items, std::int64_t k, py::object it
             require(qscales.shape(0) == a.nq, "query_scales must have one scale per query");
             require(a.d <= 1040, "int8 queries support d <= 1040 (exact accumulation); use float32 queries");
             a.query_scales = qscales.data();
-            a.mode = Mode::I8_I8Q;
+            a.mode = packed ? Mode::I8P_I8Q : Mode::I8_I8Q;
         } else {
+            require(!packed, "packed int8 items need int8 queries (quantize_queries)");
             a.mode = Mode::I8_F32Q;
         }
     } else {
@@ -92,7 +97,8 @@ py::tuple topk(py::array queries, py::array items, std::int64_t k, py::object it
         a.filters.exclude = excl_arr.data();
         a.filters.n_exclude = excl_arr.shape(0);
         for (std::int64_t i = 1; i < a.filters.n_exclude; ++i)
-            require(a.filters.exclude[i - 1] < a.filters.exclude[i], "exclude must be sorted and unique (np.unique)");
+            if (a.filters.exclude[i - 1] >= a.filters.exclude[i])  // message built only on failure
+                throw std::invalid_argument("exclude must be sorted and unique (np.unique)");
     }
     const int kk = static_cast<int>(std::min<std::int64_t>(k, std::max<std::int64_t>(a.n, 1)));
     const edgerec::Impl& impl = edgerec::active();
@@ -107,13 +113,14 @@ py::tuple topk(py::array queries, py::array items, std::int64_t k, py::object it
             impl.scan(a, 0, a.n, parts[0].data());
         } else {
             // contiguous ranges aligned to 64 items (one allow-bitset word)
-            std::int64_t per = ((a.n + threads - 1) / threads + 63) / 64 * 64;
+            std::int64_t per = ((a.n + threads - 1) / threads + 63) / 64 * 64;  // multiple of 64 (and of 16)
             std::vector<std::thread> pool;
-            for (int t = 0; t < threads; ++t) {
+            for (int t = 1; t < threads; ++t) {
                 std::int64_t b = t * per, e = std::min<std::int64_t>(a.n, b + per);
                 if (b >= e) break;
                 pool.emplace_back([&, t, b, e] { impl.scan(a, b, e, parts[t].data()); });
             }
+            impl.scan(a, 0, std::min<std::int64_t>(a.n, per), parts[0].data());  // the calling thread takes a share
             for (auto& th : pool) th.join();
         }
         merged = std::move(parts[0]);
@@ -143,6 +150,46 @@ py::tuple topk(py::array queries, py::array items, std::int64_t k, py::object it
     return py::make_tuple(ids, scores);
 }
 
+// Row-major int8 [n, d] -> packed tiles (topk_common.h), uint8 [ceil(n / 16) * tile_bytes].
+py::array_t<std::uint8_t> pack_i8(py::array items) {
+    check_array<std::int8_t>(items, "items", 2);
+    const std::int64_t n = items.shape(0);
+    const int d = static_cast<int>(items.shape(1));
+    require(d >= 1 && d <= 16384, "d must be between 1 and 16384");
+    const std::int64_t tiles = (n + edgerec::kTileRows - 1) / edgerec::kTileRows;
+    const std::int64_t tb = edgerec::packed_tile_bytes(d);
+    py::array_t<std::uint8_t> out(tiles * tb);
+    std::uint8_t* o = out.mutable_data();
+    const std::int8_t* x = static_cast<const std::int8_t*>(items.data());
+    {
+        py::gil_scoped_release nogil;
+        std::memset(o, 0, static_cast<std::size_t>(tiles * tb));
+        for (std::int64_t i = 0; i < n; ++i) {
+            std::uint8_t* tile = o + (i / edgerec::kTileRows) * tb;
+            const int r = static_cast<int>(i % edgerec::kTileRows);
+            for (int j = 0; j < d; ++j)
+                tile[64 * (j / 4) + 4 * r + (j % 4)] = static_cast<std::uint8_t>(x[i * d + j]);
+        }
+    }
+    return out;
+}
+
+py::tuple topk_packed(py::array queries, py::array packed, std::int64_t n, int d, std::int64_t k,
+                      py::array item_scales, py::array query_scales, py::object allow, py::object exclude,
+                      int num_threads) {
+    check_array<std::uint8_t>(packed, "packed", 1);
+    require(d >= 1 && d <= 1040 && n >= 0, "packed int8 items need 1 <= d <= 1040");
+    require(packed.shape(0) == ((n + edgerec::kTileRows - 1) / edgerec::kTileRows) * edgerec::packed_tile_bytes(d),
+            "packed buffer size does not match n and d; build it with pack_i8");
+    // Reuse the generic entry with a 2-D view of the right shape for the checks, then switch the mode.
+    return run_topk(queries, packed, n, d, k, item_scales, query_scales, allow, exclude, num_threads, true);
+}
+
+py::tuple topk(py::array queries, py::array items, std::int64_t k, py::object item_scales, py::object query_scales,
+               py::object allow, py::object exclude, int num_threads) {
+    return run_topk(queries, items, 0, 0, k, item_scales, query_scales, allow, exclude, num_threads, false);
+}
+
 double stream_sum(py::array_t<float, py::array::c_style> a) {
     const float* p = a.data();
     const std::int64_t n = a.size();
@@ -165,5 +212,10 @@ PYBIND11_MODULE(_native, m) {
           py::arg("num_threads") = 1,
           "Exact top-k; see edge_runtime.scoring.topk for the contract. Returns (ids int64 [B, k'], "
           "scores float32 [B, k']).");
+    m.def("pack_i8", &pack_i8, "Row-major int8 [N, d] -> packed 16-row tiles (uint8) for topk_packed.");
+    m.def("topk_packed", &topk_packed, py::arg("queries"), py::arg("packed"), py::arg("n"), py::arg("d"),
+          py::arg("k"), py::arg("item_scales"), py::arg("query_scales"), py::arg("allow") = py::none(),
+          py::arg("exclude") = py::none(), py::arg("num_threads") = 1,
+          "Exact top-k of int8 queries against packed int8 items (see pack_i8).");
     m.def("stream_sum", &stream_sum, "Sum of a float32 array with the active SIMD level (bandwidth probe).");
 }

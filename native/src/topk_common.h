@@ -8,7 +8,14 @@
 
 namespace edgerec {
 
-enum class Mode : int { F32 = 0, I8_F32Q = 1, I8_I8Q = 2 };
+enum class Mode : int { F32 = 0, I8_F32Q = 1, I8_I8Q = 2, I8P_I8Q = 3 };
+
+// Packed int8 layout (Mode::I8P_I8Q): tiles of 16 rows; in a tile, for each group of 4 dimensions, 16 rows x 4
+// bytes (64 bytes). d is padded to a multiple of 4 and n to a multiple of 16 with zeros. One VNNI dpbusd of a tile
+// group against the broadcast 4 query bytes scores 16 rows at once, with no horizontal sums.
+constexpr int kTileRows = 16;
+inline std::int64_t packed_groups(int d) { return (d + 3) / 4; }
+inline std::int64_t packed_tile_bytes(int d) { return packed_groups(d) * 64; }
 
 // Filters applied inside the scan: a packed allow bitset (bit i of byte i / 8, little bit order; nullptr = all
 // allowed) and a sorted, de-duplicated list of excluded item indices.

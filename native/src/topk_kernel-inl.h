@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "topk_common.h"
 
@@ -41,6 +42,9 @@ namespace EDGEREC_NS {
 
 constexpr int W = EDGEREC_W;
 constexpr int BLOCK = 64;  // items per block: one 64-bit word of the allow bitset
+// Batches this large use the broadcast kernel; smaller ones score query by query (a vector of W query lanes would
+// be mostly padding).
+constexpr int kBatchMin = W > 1 ? (W / 2 > 2 ? W / 2 : 2) : 1 << 30;
 
 #if EDGEREC_W > 1
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
@@ -149,24 +153,28 @@ static inline std::int32_t dot_i8i(const std::int8_t* q, const std::int8_t* x, i
 
 // Horizontal sums of 16 vectors at once: a permute-add tree leaves row r's total in lane r (about 3 ops per row
 // instead of a full reduction per row).
-static inline __m512i reduce16(__m512i* v) {
-    static const int lo1[16] = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-    static const int lo2[16] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-    static const int lo3[16] = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-    static const int lo4[16] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-    const int* los[4] = {lo1, lo2, lo3, lo4};
-    const int shift[4] = {8, 4, 2, 1};
-    int n = 16;
-    for (int level = 0; level < 4; ++level) {
-        const __m512i il = _mm512_loadu_si512(los[level]);
-        const __m512i ih = _mm512_add_epi32(il, _mm512_set1_epi32(shift[level]));
-        for (int p = 0; p < n / 2; ++p)
-            v[p] = _mm512_add_epi32(_mm512_permutex2var_epi32(v[2 * p], il, v[2 * p + 1]),
-                                    _mm512_permutex2var_epi32(v[2 * p], ih, v[2 * p + 1]));
-        n /= 2;
+struct Reduce16 {
+    __m512i lo[4], hi[4];
+    Reduce16() {
+        static const int idx[4][16] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                                       {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+                                       {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+                                       {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}};
+        const int shift[4] = {8, 4, 2, 1};
+        for (int l = 0; l < 4; ++l) {
+            lo[l] = _mm512_loadu_si512(idx[l]);
+            hi[l] = _mm512_add_epi32(lo[l], _mm512_set1_epi32(shift[l]));
+        }
     }
-    return v[0];
-}
+    inline __m512i operator()(__m512i* v) const {
+        int n = 16;
+        for (int level = 0; level < 4; ++level, n /= 2)
+            for (int p = 0; p < n / 2; ++p)
+                v[p] = _mm512_add_epi32(_mm512_permutex2var_epi32(v[2 * p], lo[level], v[2 * p + 1]),
+                                        _mm512_permutex2var_epi32(v[2 * p], hi[level], v[2 * p + 1]));
+        return v[0];
+    }
+};
 
 #else
 static inline std::int32_t dot_i8i(const std::int8_t* q, const std::int8_t* x, int d) {
@@ -229,6 +237,7 @@ static void scan_i8i_1q(const ScanArgs& a, std::int64_t begin, std::int64_t end,
             qv[c] = _mm512_maskz_loadu_epi8(c == chunks - 1 ? tail : ~0ULL, q + 64 * c);
     alignas(64) float buf[BLOCK];
     __m512i acc[16];
+    const Reduce16 reduce16;
     for (std::int64_t base = begin; base < end; base += BLOCK) {
         const int count = static_cast<int>(std::min<std::int64_t>(BLOCK, end - base));
         const std::uint64_t allow = block_allow(a.filters, base, count);
@@ -261,6 +270,61 @@ static void scan_i8i_1q(const ScanArgs& a, std::int64_t begin, std::int64_t end,
 }
 #endif
 
+// Packed int8 tiles, one int8 query (see topk_common.h for the layout). begin is a multiple of 64.
+static void scan_packed_1q(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap& h, const std::int8_t* q,
+                           std::int32_t qsum, float qs) {
+    const int d = a.d;
+    const int groups = static_cast<int>(packed_groups(d));
+    const std::int64_t tile_bytes = packed_tile_bytes(d);
+    const std::uint8_t* packed = static_cast<const std::uint8_t*>(a.items);
+    std::int32_t* q4 = static_cast<std::int32_t*>(__builtin_alloca(sizeof(std::int32_t) * groups + 64));
+    std::int8_t* qp = static_cast<std::int8_t*>(__builtin_alloca(groups * 4 + 64));
+    for (int j = 0; j < groups * 4; ++j) qp[j] = j < d ? q[j] : 0;
+    std::memcpy(q4, qp, groups * 4);
+    alignas(64) float buf[BLOCK];
+    for (std::int64_t base = begin; base < end; base += BLOCK) {
+        const int count = static_cast<int>(std::min<std::int64_t>(BLOCK, end - base));
+        const std::uint64_t allow = block_allow(a.filters, base, count);
+        if (!allow) continue;
+        for (int g0 = 0; g0 < count; g0 += kTileRows) {
+            const std::uint8_t* tile = packed + ((base + g0) / kTileRows) * tile_bytes;
+#if EDGEREC_I8I_BIASED
+            _mm_prefetch(reinterpret_cast<const char*>(tile + 8 * tile_bytes), _MM_HINT_T0);
+            const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+            __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+            int g = 0;
+            for (; g + 2 <= groups; g += 2) {
+                acc0 = _mm512_dpbusd_epi32(acc0, _mm512_xor_si512(_mm512_loadu_si512(tile + 64 * g), flip),
+                                           _mm512_set1_epi32(q4[g]));
+                acc1 = _mm512_dpbusd_epi32(acc1, _mm512_xor_si512(_mm512_loadu_si512(tile + 64 * g + 64), flip),
+                                           _mm512_set1_epi32(q4[g + 1]));
+            }
+            if (g < groups)
+                acc0 = _mm512_dpbusd_epi32(acc0, _mm512_xor_si512(_mm512_loadu_si512(tile + 64 * g), flip),
+                                           _mm512_set1_epi32(q4[g]));
+            const __m512i dots = _mm512_sub_epi32(_mm512_add_epi32(acc0, acc1), _mm512_set1_epi32(128 * qsum));
+            const int rows = std::min(kTileRows, count - g0);
+            const __mmask16 live = static_cast<__mmask16>(rows == 16 ? 0xFFFFu : ((1u << rows) - 1));
+            const __m512 sc = _mm512_maskz_loadu_ps(live, a.scales + base + g0);
+            _mm512_storeu_ps(buf + g0, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dots), _mm512_set1_ps(qs)), sc));
+#else
+            (void)qsum;
+            std::int32_t dots[kTileRows] = {0};
+            for (int g = 0; g < groups; ++g) {
+                const std::int8_t* grp = reinterpret_cast<const std::int8_t*>(tile + 64 * g);
+                for (int r = 0; r < kTileRows; ++r)
+                    for (int b = 0; b < 4; ++b)
+                        dots[r] += static_cast<std::int32_t>(grp[4 * r + b]) * static_cast<std::int32_t>(qp[4 * g + b]);
+            }
+            const int rows = std::min(kTileRows, count - g0);
+            for (int r = 0; r < rows; ++r)
+                buf[g0 + r] = (static_cast<float>(dots[r]) * qs) * a.scales[base + g0 + r];
+#endif
+        }
+        select_block(buf, base, count, allow, a.filters, h);
+    }
+}
+
 // ------------------------------------------------------------------------------------------------ scans
 // Scan items [begin, end) for queries [0, nq) into heaps[0..nq). begin is a multiple of 64.
 template <typename Item, typename Score>
@@ -279,56 +343,89 @@ static void scan_rows(const ScanArgs& a, std::int64_t begin, std::int64_t end, H
 }
 
 #if EDGEREC_W > 1
-// Batch of queries: transpose W items at a time into xt[d][W] (as float) and accumulate W scores per query in one
-// vector: no horizontal sums, each item read once for the whole batch.
+// Batch of queries (nq >= W / 2): queries transposed once per call into qt[d][nqp] (nqp = nq rounded up to W,
+// zero-padded); each item value is broadcast against W queries at a time, so every item is read once for the whole
+// batch, nothing is transposed per item and no horizontal sums are needed. 4 rows x 2 query vectors = 8
+// independent accumulators per step hide the FMA latency. int8 items are widened to float once per block.
 template <typename Item>
 static void scan_batch(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap* heaps, const float* qf,
                        const float* post_scale_q) {
-    const int d = a.d;
+    const int d = a.d, nq = a.nq;
+    const int nv = (nq + W - 1) / W, nqp = nv * W;
+    float* qt = static_cast<float*>(__builtin_alloca(sizeof(float) * d * nqp + 64));
+    for (int j = 0; j < d; ++j)
+        for (int q = 0; q < nqp; ++q) qt[j * nqp + q] = q < nq ? qf[q * d + j] : 0.0f;
+    float* sc = static_cast<float*>(__builtin_alloca(sizeof(float) * BLOCK * nqp + 64));        // [item][query]
+    float* xf = std::is_same<Item, float>::value ? nullptr
+                                                 : static_cast<float*>(__builtin_alloca(sizeof(float) * BLOCK * d + 64));
     float buf[BLOCK];
-    float* xt = static_cast<float*>(__builtin_alloca(sizeof(float) * d * W + 64));
-    float* scores = static_cast<float*>(__builtin_alloca(sizeof(float) * a.nq * BLOCK + 64));
     const Item* items = static_cast<const Item*>(a.items);
     for (std::int64_t base = begin; base < end; base += BLOCK) {
         const int count = static_cast<int>(std::min<std::int64_t>(BLOCK, end - base));
         const std::uint64_t allow = block_allow(a.filters, base, count);
         if (!allow) continue;
-        for (int g = 0; g < count; g += W) {
-            const int lanes = std::min(W, count - g);
-            const Item* rows = items + (base + g) * d;
-            for (int l = 0; l < W; ++l)
-                for (int j = 0; j < d; ++j)
-                    xt[j * W + l] = l < lanes ? static_cast<float>(rows[l * d + j]) : 0.0f;
-            int q = 0;
-            for (; q + 4 <= a.nq; q += 4) {
-                const float *q0 = qf + (q + 0) * d, *q1 = qf + (q + 1) * d, *q2 = qf + (q + 2) * d,
-                            *q3 = qf + (q + 3) * d;
-                vf s0 = vf{}, s1 = vf{}, s2 = vf{}, s3 = vf{};
-                for (int j = 0; j < d; ++j) {
-                    const vf x = loadf(xt + j * W);
-                    s0 += splat(q0[j]) * x;
-                    s1 += splat(q1[j]) * x;
-                    s2 += splat(q2[j]) * x;
-                    s3 += splat(q3[j]) * x;
-                }
-                std::memcpy(scores + (q + 0) * BLOCK + g, &s0, sizeof(float) * lanes);
-                std::memcpy(scores + (q + 1) * BLOCK + g, &s1, sizeof(float) * lanes);
-                std::memcpy(scores + (q + 2) * BLOCK + g, &s2, sizeof(float) * lanes);
-                std::memcpy(scores + (q + 3) * BLOCK + g, &s3, sizeof(float) * lanes);
+        const float* x;
+        if constexpr (std::is_same<Item, float>::value) {
+            x = items + base * d;
+        } else {
+            const std::int8_t* src = items + base * d;
+            const int total = count * d;
+            int j = 0;
+            for (; j + W <= total; j += W) {
+                const vf v = load8f(src + j);
+                std::memcpy(xf + j, &v, sizeof(v));
             }
-            for (; q < a.nq; ++q) {
-                const float* qq = qf + q * d;
-                vf s0 = vf{};
-                for (int j = 0; j < d; ++j) s0 += splat(qq[j]) * loadf(xt + j * W);
-                std::memcpy(scores + q * BLOCK + g, &s0, sizeof(float) * lanes);
+            for (; j < total; ++j) xf[j] = static_cast<float>(src[j]);
+            x = xf;
+        }
+        int t = 0;
+        for (; t + 4 <= count; t += 4) {
+            const float *x0 = x + t * d, *x1 = x0 + d, *x2 = x1 + d, *x3 = x2 + d;
+            int v = 0;
+            for (; v + 2 <= nv; v += 2) {
+                vf a00 = vf{}, a01 = vf{}, a10 = vf{}, a11 = vf{}, a20 = vf{}, a21 = vf{}, a30 = vf{}, a31 = vf{};
+                const float* qp = qt + v * W;
+                for (int j = 0; j < d; ++j, qp += nqp) {
+                    const vf q0 = loadf(qp), q1 = loadf(qp + W);
+                    const vf b0 = splat(x0[j]), b1 = splat(x1[j]), b2 = splat(x2[j]), b3 = splat(x3[j]);
+                    a00 += b0 * q0; a01 += b0 * q1;
+                    a10 += b1 * q0; a11 += b1 * q1;
+                    a20 += b2 * q0; a21 += b2 * q1;
+                    a30 += b3 * q0; a31 += b3 * q1;
+                }
+                float* o = sc + t * nqp + v * W;
+                std::memcpy(o, &a00, sizeof(vf)); std::memcpy(o + W, &a01, sizeof(vf));
+                std::memcpy(o + nqp, &a10, sizeof(vf)); std::memcpy(o + nqp + W, &a11, sizeof(vf));
+                std::memcpy(o + 2 * nqp, &a20, sizeof(vf)); std::memcpy(o + 2 * nqp + W, &a21, sizeof(vf));
+                std::memcpy(o + 3 * nqp, &a30, sizeof(vf)); std::memcpy(o + 3 * nqp + W, &a31, sizeof(vf));
+            }
+            for (; v < nv; ++v) {
+                vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+                const float* qp = qt + v * W;
+                for (int j = 0; j < d; ++j, qp += nqp) {
+                    const vf q0 = loadf(qp);
+                    a0 += splat(x0[j]) * q0; a1 += splat(x1[j]) * q0;
+                    a2 += splat(x2[j]) * q0; a3 += splat(x3[j]) * q0;
+                }
+                float* o = sc + t * nqp + v * W;
+                std::memcpy(o, &a0, sizeof(vf)); std::memcpy(o + nqp, &a1, sizeof(vf));
+                std::memcpy(o + 2 * nqp, &a2, sizeof(vf)); std::memcpy(o + 3 * nqp, &a3, sizeof(vf));
             }
         }
-        for (int q = 0; q < a.nq; ++q) {
-            const float* s = scores + q * BLOCK;
-            for (int t = 0; t < count; ++t) {
-                float v = s[t];
-                if (a.scales) v = (post_scale_q ? v * post_scale_q[q] : v) * a.scales[base + t];
-                buf[t] = v;
+        for (; t < count; ++t) {
+            const float* xr = x + t * d;
+            for (int v = 0; v < nv; ++v) {
+                vf acc = vf{};
+                const float* qp = qt + v * W;
+                for (int j = 0; j < d; ++j, qp += nqp) acc += splat(xr[j]) * loadf(qp);
+                std::memcpy(sc + t * nqp + v * W, &acc, sizeof(vf));
+            }
+        }
+        for (int q = 0; q < nq; ++q) {
+            for (int i = 0; i < count; ++i) {
+                float val = sc[i * nqp + q];
+                if (a.scales) val = (post_scale_q ? val * post_scale_q[q] : val) * a.scales[base + i];
+                buf[i] = val;
             }
             select_block(buf, base, count, allow, a.filters, heaps[q]);
         }
@@ -343,7 +440,7 @@ void scan(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap* heaps) 
     case Mode::F32: {
         const float* qs = static_cast<const float*>(a.queries);
 #if EDGEREC_W > 1
-        if (a.nq >= 2) { scan_batch<float>(a, begin, end, heaps, qs, nullptr); return; }
+        if (a.nq >= kBatchMin) { scan_batch<float>(a, begin, end, heaps, qs, nullptr); return; }
 #endif
         scan_rows<float>(a, begin, end, heaps,
                          [&](int q, const float* x, std::int64_t) { return dot_f32(qs + q * d, x, d); });
@@ -352,17 +449,26 @@ void scan(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap* heaps) 
     case Mode::I8_F32Q: {
         const float* qs = static_cast<const float*>(a.queries);
 #if EDGEREC_W > 1
-        if (a.nq >= 2) { scan_batch<std::int8_t>(a, begin, end, heaps, qs, nullptr); return; }
+        if (a.nq >= kBatchMin) { scan_batch<std::int8_t>(a, begin, end, heaps, qs, nullptr); return; }
 #endif
         scan_rows<std::int8_t>(a, begin, end, heaps, [&](int q, const std::int8_t* x, std::int64_t i) {
             return dot_i8f(qs + q * d, x, d) * a.scales[i];
         });
         return;
     }
+    case Mode::I8P_I8Q: {
+        const std::int8_t* q8 = static_cast<const std::int8_t*>(a.queries);
+        for (int q = 0; q < a.nq; ++q) {
+            std::int32_t sq = 0;
+            for (int j = 0; j < d; ++j) sq += q8[q * d + j];
+            scan_packed_1q(a, begin, end, heaps[q], q8 + q * d, sq, a.query_scales[q]);
+        }
+        return;
+    }
     case Mode::I8_I8Q: {
         const std::int8_t* q8 = static_cast<const std::int8_t*>(a.queries);
 #if EDGEREC_W > 1
-        if (a.nq >= 2) {
+        if (a.nq >= kBatchMin) {
             // Integer-valued floats: every partial sum is an integer below 2^24 (d <= 1040, checked by the caller),
             // so float accumulation is exact and equals the int32 dot.
             float* qf = static_cast<float*>(__builtin_alloca(sizeof(float) * a.nq * d + 64));
