@@ -163,13 +163,7 @@ py::array_t<std::uint8_t> pack_i8(py::array items) {
     const std::int8_t* x = static_cast<const std::int8_t*>(items.data());
     {
         py::gil_scoped_release nogil;
-        std::memset(o, 0, static_cast<std::size_t>(tiles * tb));
-        for (std::int64_t i = 0; i < n; ++i) {
-            std::uint8_t* tile = o + (i / edgerec::kTileRows) * tb;
-            const int r = static_cast<int>(i % edgerec::kTileRows);
-            for (int j = 0; j < d; ++j)
-                tile[64 * (j / 4) + 4 * r + (j % 4)] = static_cast<std::uint8_t>(x[i * d + j]);
-        }
+        edgerec::pack_i8_rows(x, n, d, o);
     }
     return out;
 }

@@ -100,6 +100,23 @@ std::vector<std::string> available_levels() {
     return out;
 }
 
+const Impl* find_impl(const std::string& name) {
+    for (const Impl& impl : kImpls)
+        if (name == impl.name) return &impl;
+    return nullptr;
+}
+
+void pack_i8_rows(const std::int8_t* x, std::int64_t n, int d, std::uint8_t* out) {
+    const std::int64_t tiles = (n + kTileRows - 1) / kTileRows;
+    const std::int64_t tb = packed_tile_bytes(d);
+    std::memset(out, 0, static_cast<std::size_t>(tiles * tb));
+    for (std::int64_t i = 0; i < n; ++i) {
+        std::uint8_t* tile = out + (i / kTileRows) * tb;
+        const int r = static_cast<int>(i % kTileRows);
+        for (int j = 0; j < d; ++j) tile[64 * (j / 4) + 4 * r + (j % 4)] = static_cast<std::uint8_t>(x[i * d + j]);
+    }
+}
+
 std::vector<std::string> compiled_levels() {
     std::vector<std::string> out;
     for (const Impl& impl : kImpls) out.emplace_back(impl.name);

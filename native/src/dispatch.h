@@ -18,5 +18,9 @@ struct Impl {
 const Impl& active(std::string* note = nullptr);
 std::vector<std::string> available_levels();
 std::vector<std::string> compiled_levels();
+// A compiled level by name whether or not this CPU supports it (nullptr if not compiled); for tests.
+const Impl* find_impl(const std::string& name);
+// Row-major int8 [n, d] -> packed 16-row tiles (topk_common.h); out must hold ceil(n / 16) * packed_tile_bytes(d).
+void pack_i8_rows(const std::int8_t* x, std::int64_t n, int d, std::uint8_t* out);
 
 }  // namespace edgerec
