@@ -142,11 +142,12 @@ class Model:
         return known, list(unknown)
 
     def encode(self, rows: Sequence[int]) -> np.ndarray:
-        """Item rows (oldest first) -> user vector float32 [d] from the last ``max_len`` of them."""
-        seq = np.zeros((1, self.max_len), dtype=np.int64)
+        """Item rows (oldest first, at least one) -> user vector float32 [d] from the last ``max_len`` of them.
+
+        The encoder gets only the real window ([1, l], l <= max_len): it counts positions from the right, so this
+        equals the padded [1, max_len] call and a short session costs a short call."""
         tail = np.asarray(rows[-self.max_len:], dtype=np.int64) + 1
-        seq[0, self.max_len - len(tail):] = tail
-        return self.encoder(seq)[0]
+        return self.encoder(tail.reshape(1, -1))[0]
 
     def attribute_mask(self, values: tuple[str, ...]) -> np.ndarray:
         """Packed allow-bitset of items having any of the attribute ``values`` (LRU-cached per value set)."""

@@ -15,7 +15,9 @@ class TrainConfig:
     data: str | None = None          # interaction log; None = embedded Amazon Beauty (S3-Rec files)
     columns: str | None = None       # table column roles, see trainer.data.load
     attributes: str | None = None    # item-attribute JSON; default: <stem>_item2attributes.json beside the data
-    # model (SASRec)
+    # model
+    model: str = "sasrec"            # "sasrec" (causal, next item) | "bert4rec" (bidirectional, masked items)
+    mask_prob: float = 0.2           # bert4rec: share of items replaced by [MASK] in training
     max_len: int = 50                # L: most recent items the encoder reads (protocol of ANCHORS.md)
     hidden: int = 64                 # d: embedding size
     blocks: int = 2
@@ -40,6 +42,8 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.loss in ("ce", "sampled_ce"), "loss", "'ce' or 'sampled_ce'"),
+            (self.model in ("sasrec", "bert4rec"), "model", "'sasrec' or 'bert4rec'"),
+            (0.0 < self.mask_prob < 1.0, "mask_prob", "in (0, 1)"),
             (self.max_len >= 1, "max_len", ">= 1"), (self.hidden >= 1, "hidden", ">= 1"),
             (self.blocks >= 1, "blocks", ">= 1"), (self.heads >= 1 and self.hidden % self.heads == 0, "heads",
                                                    "a divisor of hidden"),
@@ -61,6 +65,9 @@ class TrainConfig:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
         raw = dict(raw.get("train", raw))
+        for key in ("data", "attributes"):  # relative paths are relative to the config file
+            if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
+                raw[key] = str((Path(path).resolve().parent / raw[key]).resolve())
         return cls.from_dict(raw, **overrides)
 
     @classmethod

@@ -142,7 +142,7 @@ def build_bundle(cfg, data, result: TrainResult, out_dir, printer=print) -> dict
         manifest = {
             "model_version": bundle_mod.new_model_version(created, data.source.get("fingerprint", "")),
             "created_at": created.isoformat(timespec="seconds"),
-            "model": {"architecture": "SASRec", "num_items": data.num_items, "dim": int(items.shape[1]),
+            "model": {"architecture": type(model).__name__, "num_items": data.num_items, "dim": int(items.shape[1]),
                       "max_len": cfg.max_len, "encoder_input": "item_seq", "encoder_output": "user_vec"},
             "training_config": cfg.to_dict(),
             "dataset": {k: v for k, v in data.source.items()} | {"summary": data.summary()},

@@ -58,13 +58,16 @@ class SASRec(nn.Module):
     ``forward(item_seq)``: int64 [B, L] tokens, left-padded with 0 -> float32 [B, d] user vectors.
     """
 
+    causal = True      # SASRec: each position attends to itself and earlier positions only
+    extra_tokens = 0   # rows after the N items in the embedding table (BERT4Rec: the [MASK] token)
+
     def __init__(self, num_items: int, max_len: int = 50, hidden: int = 64, blocks: int = 2, heads: int = 1,
                  dropout: float = 0.2):
         super().__init__()
         self.num_items = num_items
         self.max_len = max_len
         self.hidden = hidden
-        self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        self.item_emb = nn.Embedding(num_items + 1 + self.extra_tokens, hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.emb_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList([_Block(hidden, heads, dropout) for _ in range(blocks)])
@@ -81,15 +84,15 @@ class SASRec(nn.Module):
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
 
-    @staticmethod
-    def attention_mask(item_seq: torch.Tensor) -> torch.Tensor:
-        """[B L] tokens -> [B 1 L L] bool: causal, padded keys hidden (each position always sees itself, so no
-        softmax row is empty)."""
+    def attention_mask(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[B L] tokens -> [B 1 L L] bool: padded keys hidden, causal for SASRec, bidirectional for BERT4Rec (each
+        position always sees itself, so no softmax row is empty)."""
         length = item_seq.shape[1]
-        causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=item_seq.device))  # [L L]
         eye = torch.eye(length, dtype=torch.bool, device=item_seq.device)
         key_ok = (item_seq > 0).unsqueeze(1)  # [B 1 L]
-        return ((causal & key_ok) | eye).unsqueeze(1)
+        if self.causal:
+            key_ok = key_ok & torch.tril(torch.ones(length, length, dtype=torch.bool, device=item_seq.device))
+        return (key_ok | eye).unsqueeze(1)
 
     def encode(self, item_seq: torch.Tensor) -> torch.Tensor:
         """[B l] int64 tokens, l <= max_len, left-padded -> [B l D] hidden state at every position.
@@ -114,4 +117,54 @@ class SASRec(nn.Module):
 
     def item_embeddings(self) -> torch.Tensor:
         """[N D] output item embedding matrix (rows of the tied table without the padding row)."""
-        return self.item_emb.weight[1:]
+        return self.item_emb.weight[1:self.num_items + 1]
+
+
+class BERT4Rec(SASRec):
+    """BERT4Rec: a bidirectional Transformer trained by masked item prediction.
+
+    Sun et al., "BERT4Rec: Sequential Recommendation with Bidirectional Encoder Representations from Transformer",
+    CIKM 2019 (arXiv:1904.06690). Same blocks as SASRec without the causal mask, plus a [MASK] token (row N + 1).
+    Training replaces random items by [MASK] and predicts them (``mask_items``); at inference ``forward`` appends
+    [MASK] after the context and returns its hidden state, so the exported encoder has SASRec's interface
+    (``item_seq`` int64 [B, l] -> ``user_vec`` float32 [B, d]) and the daemon serves either model unchanged.
+    """
+
+    causal = False
+    extra_tokens = 1
+
+    @property
+    def mask_token(self) -> int:
+        return self.num_items + 1
+
+    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """[B l] int64 tokens (left-padded) -> [B D]: the hidden state of a [MASK] appended after the context
+        (the window keeps the last max_len tokens, [MASK] included)."""
+        mask = torch.full_like(item_seq[:, :1], self.mask_token)
+        seq = torch.cat([item_seq, mask], dim=1)[:, -self.max_len:]
+        return self.encode(seq)[:, -1, :]
+
+    def mask_items(self, item_seq: torch.Tensor, prob: float, generator: torch.Generator | None = None):
+        """Cloze training pairs: (inputs with ~``prob`` of the real items replaced by [MASK], targets = the replaced
+        items, 0 elsewhere). Every sequence gets at least one masked item (its last, if the draw masked none)."""
+        real = item_seq > 0
+        draw = torch.rand(item_seq.shape, generator=generator, device=item_seq.device) < prob
+        masked = draw & real
+        none = ~masked.any(dim=1)
+        masked[none, -1] = real[none, -1]
+        inputs = torch.where(masked, torch.full_like(item_seq, self.mask_token), item_seq)
+        targets = torch.where(masked, item_seq, torch.zeros_like(item_seq))
+        return inputs, targets
+
+
+def build_model(kind: str, num_items: int, max_len: int, hidden: int, blocks: int, heads: int,
+                dropout: float) -> SASRec:
+    """'sasrec' or 'bert4rec' -> the model.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    models = {"sasrec": SASRec, "bert4rec": BERT4Rec}
+    if kind not in models:
+        raise ValueError(f"unknown model {kind!r}; choose one of {sorted(models)}")
+    return models[kind](num_items, max_len, hidden, blocks, heads, dropout)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .config import TrainConfig
 from .evaluate import LOOSplit, evaluate, loo_split, pad_left
-from .model import SASRec
+from .model import BERT4Rec, SASRec, build_model
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,17 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
     split = loo_split(data.sequences)
     if len(split.users) == 0:
         raise data_mod.DataError("no user has 3 or more interactions; leave-one-out evaluation needs them")
-    inputs, targets = training_windows(split.train, cfg.max_len)
+    if cfg.model == "bert4rec":   # whole windows; the targets are drawn by masking, batch by batch
+        inputs = pad_left([s for s in split.train if len(s) >= 1], cfg.max_len)
+        targets = None
+    else:
+        inputs, targets = training_windows(split.train, cfg.max_len)
     if len(inputs) == 0:
         raise data_mod.DataError("no training sequence has 2 or more items")
     lengths = (inputs > 0).sum(axis=1)
-    model = SASRec(data.num_items, cfg.max_len, cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout).to(device)
+    model = build_model(cfg.model, data.num_items, cfg.max_len, cfg.hidden, cfg.blocks, cfg.heads,
+                        cfg.dropout).to(device)
+    mask_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     gen = np.random.default_rng(cfg.seed)
     history: list[dict] = []
@@ -120,7 +126,10 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
         for idx in length_bucketed_batches(lengths, cfg.batch_size, gen):
             width = int(lengths[idx].max())
             inp = torch.from_numpy(inputs[idx, -width:]).to(device)
-            tgt = torch.from_numpy(targets[idx, -width:]).to(device)
+            if isinstance(model, BERT4Rec):
+                inp, tgt = model.mask_items(inp, cfg.mask_prob, mask_gen)
+            else:
+                tgt = torch.from_numpy(targets[idx, -width:]).to(device)
             loss = _loss(model, inp, tgt, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
