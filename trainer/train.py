@@ -77,19 +77,50 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
     return batches
 
 
-def _loss(model: SASRec, inp: torch.Tensor, tgt: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def _loss(model: SASRec, inp: torch.Tensor, tgt: torch.Tensor, cfg: TrainConfig, denom: float | None = None):
+    """Cross-entropy over the target positions: mean, or sum / ``denom`` (data-parallel training passes the
+    global target count / world size, so averaging the ranks' gradients gives the single-process gradient)."""
     h = model.encode(inp)                  # [B L D]
     mask = tgt > 0
     h, y = h[mask], tgt[mask] - 1          # [P D], [P] item rows
     items = model.item_embeddings()        # [N D]
     if cfg.loss == "ce":
-        return F.cross_entropy(h @ items.T, y)
-    # Sampled softmax with shared uniform negatives (SASRec+); accidental hits are masked out.
-    neg = torch.randint(0, items.shape[0], (cfg.num_negatives,), device=h.device)
-    pos_logit = (h * items[y]).sum(-1, keepdim=True)                   # [P 1]
-    neg_logit = (h @ items[neg].T).masked_fill(neg[None, :] == y[:, None], float("-inf"))  # [P K]
-    logits = torch.cat([pos_logit, neg_logit], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
+        logits, labels = h @ items.T, y
+    else:
+        # Sampled softmax with shared uniform negatives (SASRec+); accidental hits are masked out.
+        neg = torch.randint(0, items.shape[0], (cfg.num_negatives,), device=h.device)
+        pos_logit = (h * items[y]).sum(-1, keepdim=True)                   # [P 1]
+        neg_logit = (h @ items[neg].T).masked_fill(neg[None, :] == y[:, None], float("-inf"))  # [P K]
+        logits = torch.cat([pos_logit, neg_logit], dim=1)
+        labels = torch.zeros(len(y), dtype=torch.long, device=h.device)
+    if denom is None:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, reduction="sum") / denom
+
+
+class _LossModule(torch.nn.Module):
+    """The loss as a module's forward, so DistributedDataParallel sees the call it synchronizes gradients for."""
+
+    def __init__(self, model: SASRec, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, inp: torch.Tensor, tgt: torch.Tensor, denom: torch.Tensor | None = None) -> torch.Tensor:
+        return _loss(self.model, inp, tgt, self.cfg, None if denom is None else float(denom))
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); initializes torch.distributed when run under torchrun (WORLD_SIZE > 1): gloo on CPU,
+    nccl on CUDA. Single process: (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("EDGEREC_DDP_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
 
 
 def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) -> TrainResult:
@@ -109,28 +140,45 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
     if len(inputs) == 0:
         raise data_mod.DataError("no training sequence has 2 or more items")
     lengths = (inputs > 0).sum(axis=1)
+    rank, world = distributed()
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     model = build_model(cfg.model, data.num_items, cfg.max_len, cfg.hidden, cfg.blocks, cfg.heads,
                         cfg.dropout).to(device)
     mask_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    step = _LossModule(model, cfg)
+    if world > 1:
+        # Every rank holds the same model (same seed) and walks the same batches; each takes its slice of a batch.
+        from torch.nn.parallel import DistributedDataParallel
+
+        step = DistributedDataParallel(step)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     gen = np.random.default_rng(cfg.seed)
     history: list[dict] = []
     best = (-1.0, 0, None, {})
     start = time.perf_counter()
     score = torch_score_fn(model, device)
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress or rank != 0)
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
         total, batches = 0.0, 0
         for idx in length_bucketed_batches(lengths, cfg.batch_size, gen):
+            if len(idx) < world:
+                continue  # every rank needs a share of the batch
             width = int(lengths[idx].max())
             inp = torch.from_numpy(inputs[idx, -width:]).to(device)
             if isinstance(model, BERT4Rec):
                 inp, tgt = model.mask_items(inp, cfg.mask_prob, mask_gen)
             else:
                 tgt = torch.from_numpy(targets[idx, -width:]).to(device)
-            loss = _loss(model, inp, tgt, cfg)
+            if world > 1:
+                # loss = this rank's sum / (batch targets / world): the ranks' mean gradient is the batch's
+                denom = (tgt > 0).sum().float() / world
+                inp, tgt = inp[rank::world], tgt[rank::world]
+                loss = step(inp, tgt, denom)
+            else:
+                loss = step(inp, tgt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -144,13 +192,20 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
         if improved:
             best = (valid["NDCG@10"], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}, valid)
         bar.set_postfix(loss=f"{row['loss']:.3f}", ndcg10=f"{valid['NDCG@10']:.4f}", best=best[1])
-        if not progress:
+        if not progress and rank == 0:
             log.info("epoch %d loss %.4f valid HR@10 %.4f NDCG@10 %.4f", epoch, row["loss"], valid["HR@10"],
                      valid["NDCG@10"])
-        if epoch >= cfg.min_epochs and epoch - best[1] >= cfg.patience:
-            break
+        stop = epoch >= cfg.min_epochs and epoch - best[1] >= cfg.patience
         if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:
             log.info("time budget of %.0f s reached after epoch %d", cfg.time_budget_s, epoch)
+            stop = True
+        if world > 1:  # rank 0 decides (clocks differ between ranks), everyone follows
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(stop)], device=device if device.startswith("cuda") else "cpu")
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        if stop:
             break
     bar.close()
     model.load_state_dict(best[2])
@@ -165,6 +220,9 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True, pri
     from .export import build_bundle
 
     check_out_dir(out_dir)
+    rank, world = distributed()
+    if rank != 0:
+        printer = lambda *a, **k: None  # noqa: E731  (rank 0 reports and writes the bundle)
     data = data_mod.load(cfg.data, columns=cfg.columns, attributes=cfg.attributes)
     s = data.summary()
     printer(f"data: {data.source['path']} ({data.source['format']}): {s['users']} users, {s['items']} items, "
@@ -172,5 +230,16 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True, pri
     result = train(cfg, data, progress=progress)
     printer(f"trained {len(result.history)} epochs in {result.train_seconds:.1f} s; best epoch {result.best_epoch} "
             f"(valid NDCG@10 {result.valid['NDCG@10']:.4f})")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank != 0:
+            dist.destroy_process_group()
+            return {}
     manifest = build_bundle(cfg, data, result, out_dir, printer=printer)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return manifest
