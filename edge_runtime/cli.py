@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="bundle directory to write (replaced if it holds a bundle)")
     t.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping may end sooner)")
     t.add_argument("--patience", type=int, default=None)
+    t.add_argument("--model", choices=["sasrec", "bert4rec"], default=None)
     t.add_argument("--loss", choices=["ce", "sampled_ce"], default=None)
     t.add_argument("--hidden", type=int, default=None)
     t.add_argument("--blocks", type=int, default=None)
@@ -93,7 +94,7 @@ def _train(args) -> int:
     from .errors import BundleError
 
     overrides = dict(data=args.data, columns=args.columns, attributes=args.attributes, epochs=args.epochs,
-                     patience=args.patience, loss=args.loss, hidden=args.hidden, blocks=args.blocks,
+                     patience=args.patience, model=args.model, loss=args.loss, hidden=args.hidden, blocks=args.blocks,
                      dropout=args.dropout, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                      threads=args.threads, device=args.device, time_budget_s=args.time_budget)
     try:

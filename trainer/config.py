@@ -64,7 +64,7 @@ class TrainConfig:
         """
         with open(path, "rb") as f:
             raw = tomllib.load(f)
-        raw = dict(raw.get("train", raw))
+        raw = dict(raw["train"]) if "train" in raw else {k: v for k, v in raw.items() if not isinstance(v, dict)}
         for key in ("data", "attributes"):  # relative paths are relative to the config file
             if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
                 raw[key] = str((Path(path).resolve().parent / raw[key]).resolve())

@@ -1,0 +1,128 @@
+"""Recommendation quality per benchmark config, beside the published full-ranking numbers.
+
+    python bench/bench_quality.py [bench/configs/beauty_s3rec.toml ...] [--epochs N] [--out bench/results/quality.json]
+
+For each config (default: every bench/configs/*.toml whose data is present) it trains with ``edgerec train``'s code
+path, which evaluates fp32 PyTorch, fp32 ONNX and int8 ONNX (int8 encoder + int8 item matrix, what the daemon
+serves) through trainer.evaluate (leave-one-out, full ranking, history masked, max_len 50), then measures the
+encoder's batch-1 latency (µs, fp32 vs int8, ONNX Runtime, 1 thread, real contexts) and sizes. It prints one table
+with the config's ``[anchors]`` (numbers from ../shared/datasets/ANCHORS.md), saves JSON and a PNG of validation
+NDCG@10 per epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.model import Encoder
+from trainer.config import TrainConfig
+from trainer.evaluate import loo_split
+from trainer.train import run
+from trainer import data as data_mod
+
+HERE = Path(__file__).resolve().parent
+
+
+def encoder_latency_us(path: Path, contexts, repeats: int = 300) -> float:
+    enc = Encoder(path, threads=1)
+    rng = np.random.default_rng(0)
+    picks = [contexts[i] for i in rng.choice(len(contexts), min(repeats, len(contexts)), replace=False)]
+    for c in picks[:20]:
+        enc(c[-50:].reshape(1, -1))
+    times = []
+    for c in picks:
+        t0 = time.perf_counter()
+        enc(c[-50:].reshape(1, -1))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e6)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("configs", nargs="*", help="config files (default: bench/configs/*.toml)")
+    ap.add_argument("--epochs", type=int, default=None, help="override the maximum epochs (a quick look)")
+    ap.add_argument("--out", default="bench/results/quality.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    paths = args.configs or sorted(glob.glob(str(HERE / "configs" / "*.toml")))
+    results = []
+    for path in paths:
+        with open(path, "rb") as f:
+            anchors = tomllib.load(f).get("anchors", {})
+        cfg = TrainConfig.from_toml(path, epochs=args.epochs)
+        if cfg.data is not None and not Path(cfg.data).is_file():
+            print(f"skip {path}: data {cfg.data} not present")
+            continue
+        name = Path(path).stem
+        out_dir = Path(args.out).parent / "bundles" / name
+        print(f"== {name}: training ({cfg.model}, {cfg.loss}, d={cfg.hidden}, {cfg.blocks} blocks)", flush=True)
+        manifest = run(cfg, out_dir, progress=False, printer=lambda *a: None)
+        data = data_mod.load(cfg.data, columns=cfg.columns, attributes=cfg.attributes)
+        contexts = loo_split(data.sequences).test_ctx
+        m = manifest["metrics"]
+        files = manifest["files"]
+        results.append({
+            "config": name, "path": str(path), "model_version": manifest["model_version"],
+            "model": manifest["model"], "test": m["test"], "epochs": m["epochs"], "best_epoch": m["best_epoch"],
+            "train_seconds": m["train_seconds"], "top10_overlap_vs_pytorch": m["top10_overlap_vs_pytorch"],
+            "int8_ndcg10_relative_change": m["int8_ndcg10_relative_change"],
+            "encoder_bytes": {"fp32": files["encoder.onnx"]["bytes"], "int8": files["encoder.int8.onnx"]["bytes"]},
+            "items_bytes": {"fp32": files["items.f32.npy"]["bytes"], "int8": files["items.i8.npy"]["bytes"]},
+            "encoder_latency_us": {"fp32": encoder_latency_us(out_dir / "encoder.onnx", contexts),
+                                   "int8": encoder_latency_us(out_dir / "encoder.int8.onnx", contexts)},
+            "valid_ndcg10_per_epoch": [h["valid_NDCG@10"] for h in m["history"]],
+            "anchors": anchors,
+        })
+        print_table(results[-1])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    if results:
+        plot(results, Path(args.out).with_suffix(".png"))
+    print(f"saved {args.out}")
+    return 0
+
+
+def print_table(r: dict) -> None:
+    t = r["test"]
+    print(f"{'':<50}{'HR@10':>8}{'NDCG@10':>9}")
+    for label, key in (("fp32 PyTorch", "pytorch_fp32"), ("fp32 ONNX", "onnx_fp32"),
+                       ("int8 ONNX + int8 items (served)", "onnx_int8")):
+        print(f"  {r['config'] + ': ' + label:<48}{t[key]['HR@10']:8.4f}{t[key]['NDCG@10']:9.4f}")
+    for label, (hr, ndcg) in r["anchors"].items():
+        print(f"  {'published: ' + label:<48}{hr:8.4f}{ndcg:9.4f}")
+    print(f"  epochs {r['epochs']} (best {r['best_epoch']}), training {r['train_seconds']:.0f} s; int8 vs fp32 "
+          f"NDCG@10 {100 * r['int8_ndcg10_relative_change']:+.2f}%; top-10 overlap int8 "
+          f"{r['top10_overlap_vs_pytorch']['onnx_int8']:.3f}")
+    print(f"  encoder {r['encoder_bytes']['fp32'] / 1e6:.2f} MB fp32 / {r['encoder_bytes']['int8'] / 1e6:.2f} MB int8; "
+          f"batch-1 latency {r['encoder_latency_us']['fp32']:.0f} µs fp32 / {r['encoder_latency_us']['int8']:.0f} µs "
+          f"int8; item matrix {r['items_bytes']['fp32'] / 1e6:.1f} MB fp32 / {r['items_bytes']['int8'] / 1e6:.1f} MB "
+          f"int8", flush=True)
+
+
+def plot(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        ax.plot(range(1, len(r["valid_ndcg10_per_epoch"]) + 1), r["valid_ndcg10_per_epoch"], label=r["config"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
