@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-sessions", type=int, default=const.MAX_SESSIONS)
     s.add_argument("--session-events", type=int, default=const.SESSION_EVENTS)
     s.add_argument("--cache-entries", type=int, default=const.CACHE_ENTRIES)
+    s.add_argument("--stalled-frame-seconds", type=float, default=const.STALLED_FRAME_SECONDS,
+                   help="close a connection whose frame is unfinished this long after its first byte")
+    s.add_argument("--idle-seconds", type=float, default=const.IDLE_SECONDS,
+                   help="close a connection without traffic for this long")
 
     r = sub.add_parser("recommend", help="ask a running daemon for recommendations")
     _add_conn(r)
@@ -131,7 +135,8 @@ def _serve(args) -> int:
         log.error("nothing to listen on: give --port >= 0 or --unix PATH")
         return 2
     try:
-        asyncio.run(serve(service, args.host, port, args.unix))
+        asyncio.run(serve(service, args.host, port, args.unix, stalled_frame_seconds=args.stalled_frame_seconds,
+                          idle_seconds=args.idle_seconds))
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 2

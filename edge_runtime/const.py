@@ -13,8 +13,11 @@ MAX_INFLIGHT_PER_CONNECTION = 64
 WRITE_HIGH_WATER_BYTES = 1 << 20   # bytes
 # Open connections; each may hold a partial frame of up to MAX_FRAME_BYTES, so this bounds that memory (1 GiB).
 MAX_CONNECTIONS = 1024
-# A frame started but not finished within this time closes the connection (slow-loris).
+# A frame started but not finished within this time closes the connection (slow-loris), however its bytes trickle.
 STALLED_FRAME_SECONDS = 30.0       # s
+# A connection without a byte or a request in flight for this long is closed (idle sockets cannot hold all
+# MAX_CONNECTIONS slots for ever); clients reconnect.
+IDLE_SECONDS = 300.0               # s
 # Larger k is not a recommendation any more but a catalog dump; the scan cost is the same, the reply is not.
 MAX_K = 1000
 # history sent inline in a recommend call; the encoder reads only the last max_len (50) anyway.
@@ -22,8 +25,11 @@ MAX_HISTORY = 1000
 MAX_BATCH_EVENTS = 10_000    # events in one track_batch
 MAX_ID_CHARS = 256           # user / item id length
 # Per-user session: ring of the most recent events. The encoder reads 50; the rest feeds exclude_seen.
-SESSION_EVENTS = 200
-MAX_SESSIONS = 100_000       # users kept in memory (LRU); ~200 events x ~100 B each at most per user
+SESSION_EVENTS = 100
+# Users kept in memory (LRU). Measured ~450 B per event with 256-character ids (the worst case; ids of items the
+# model knows share the model's strings): 100,000 x 100 events -> ~4.5 GB worst case, ~1 GB with short ids. Size
+# it down on small devices (--max-sessions, --session-events).
+MAX_SESSIONS = 100_000
 CACHE_ENTRIES = 50_000       # cached recommend results (LRU)
 # Result items held by the cache in all (an entry weighs 1 + k); ~60 B per item id reference and score -> ~60 MB.
 CACHE_ITEMS = 1_000_000

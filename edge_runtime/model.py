@@ -108,6 +108,14 @@ class Model:
         # [N, 1] float32 so the popularity list runs through the same top-k scan (and filters) as model scores.
         self.popularity_column = np.ascontiguousarray(self.popularity.reshape(-1, 1))
         self.dim = int(self.items.shape[1])
+        # attribute value -> int64 item rows (an inverted index: a category mask costs O(rows of those values))
+        self.attr_rows: dict[str, np.ndarray] = {}
+        if self.attr_indptr is not None:
+            owners = np.repeat(np.arange(n, dtype=np.int64), np.diff(self.attr_indptr))
+            order = np.argsort(self.attr_values, kind="stable")
+            vals, starts = np.unique(self.attr_values[order], return_index=True)
+            for v, rows in zip(vals, np.split(owners[order], starts[1:])):
+                self.attr_rows[str(v)] = rows
         self._attr_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._attr_lock = threading.Lock()
         self.warmup_us = self._warmup()
@@ -157,10 +165,10 @@ class Model:
                 self._attr_masks.move_to_end(values)
                 return hit
         mask = np.zeros(self.num_items, dtype=bool)
-        if self.attr_indptr is not None:
-            hits = np.isin(self.attr_values, np.asarray(values, dtype=object))
-            owners = np.repeat(np.arange(self.num_items), np.diff(self.attr_indptr))
-            mask[owners[hits]] = True
+        for v in values:
+            rows = self.attr_rows.get(v)
+            if rows is not None:
+                mask[rows] = True
         bits = scoring.pack_mask(mask)
         with self._attr_lock:
             self._attr_masks[values] = bits

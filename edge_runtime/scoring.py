@@ -63,8 +63,10 @@ def available_backends() -> list[str]:
                             ("numpy", True)) if ok]
 
 MAX_QUERIES = 4096   # queries per call (the daemon sends 1; benchmarks up to 64)
-MAX_DIM = 16384      # d; int8 queries: d <= 1040 keeps integer accumulation exact in float32 lanes
-MAX_DIM_INT8_QUERY = 1040
+MAX_DIM = 16384      # d; int8 queries: |sum| <= 128 * 128 * d < 2^24 keeps float32 lanes exact up to d = 1024
+MAX_DIM_INT8_QUERY = 1024
+MAX_RESULTS = 10_000_000  # B * min(k, N) entries per call (int64 ids + float32 scores: 120 MB)
+MAX_THREADS = 256
 
 
 def simd_level() -> str:
@@ -212,6 +214,11 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, *, item_scales: np.ndar
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer))
+                                    or not 1 <= num_threads <= MAX_THREADS):
+        raise ValueError(f"num_threads must be an integer from 1 to {MAX_THREADS}, got {num_threads!r}")
+    if not isinstance(queries, np.ndarray):
+        raise ValueError(f"queries must be a NumPy array, got {type(queries).__name__}; use np.asarray(q, np.float32)")
     packed = None
     if isinstance(items, PackedInt8):
         packed, items = items, items.items
@@ -220,8 +227,10 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, *, item_scales: np.ndar
         if queries.dtype != np.int8:
             raise ValueError("packed int8 items take int8 queries; see quantize_queries")
     _check_items(items, item_scales)
-    if not isinstance(queries, np.ndarray):
-        raise ValueError(f"queries must be a NumPy array, got {type(queries).__name__}; use np.asarray(q, np.float32)")
+    if items.dtype == np.float32 and item_scales is not None:
+        raise ValueError("item_scales apply to int8 items only; float32 items are used as they are")
+    if queries.dtype != np.int8 and query_scales is not None:
+        raise ValueError("query_scales apply to int8 queries only")
     single = queries.ndim == 1
     if queries.ndim not in (1, 2):
         raise ValueError(f"queries must have shape [d] or [B, d], got {queries.shape}")
@@ -231,6 +240,10 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, *, item_scales: np.ndar
         raise ValueError(f"query dimension {q.shape[1]} does not match items dimension {d}")
     if q.shape[0] > MAX_QUERIES:
         raise ValueError(f"at most {MAX_QUERIES} queries per call, got {q.shape[0]}; split the batch")
+    k = int(min(k, max(n, 1)))
+    if q.shape[0] * k > MAX_RESULTS:
+        raise ValueError(f"{q.shape[0]} queries x k={k} exceeds {MAX_RESULTS} results per call; lower k or split "
+                         f"the batch")
     if q.dtype == np.int8:
         if items.dtype != np.int8:
             raise ValueError("int8 queries need int8 items; pass float32 queries for float32 items")
@@ -248,7 +261,15 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, *, item_scales: np.ndar
         raise ValueError(f"queries must be C-contiguous; {_fix('queries', q.dtype)}")
     excl = None
     if exclude is not None:
-        excl = np.asarray(exclude, dtype=np.int64).ravel()
+        if isinstance(exclude, (set, frozenset)):
+            exclude = sorted(exclude)
+        elif not isinstance(exclude, (np.ndarray, list, tuple, range)):
+            raise ValueError(f"exclude must be an array or sequence of item indices, got {type(exclude).__name__}")
+        raw = np.asarray(exclude)
+        if raw.size and raw.dtype.kind not in "iu":
+            raise ValueError(f"exclude must hold integer item indices, got dtype {raw.dtype} (a boolean mask? pass "
+                             f"np.flatnonzero(mask), or use allow=pack_mask(~mask))")
+        excl = raw.astype(np.int64, copy=False).ravel()
         if len(excl) > 1 and not bool(np.all(excl[1:] > excl[:-1])):  # O(m) check; sort only when needed
             excl = np.unique(excl)
         excl = np.ascontiguousarray(excl)

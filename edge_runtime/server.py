@@ -14,8 +14,8 @@ Robustness (every bound is in ``const.py``):
   connection stays open; a handler exception becomes an error reply carrying the request's msgid;
 * back-pressure: at most ``MAX_INFLIGHT_PER_CONNECTION`` requests run per connection (further frames wait in the
   socket, not in memory), and reading stops while the client does not read its replies (transport high-water mark);
-* at most ``MAX_CONNECTIONS`` connections; a partial frame that stalls for ``STALLED_FRAME_SECONDS`` closes its
-  connection;
+* at most ``MAX_CONNECTIONS`` connections; a frame not complete ``STALLED_FRAME_SECONDS`` after its first byte
+  closes its connection, and so does ``IDLE_SECONDS`` without a byte or a request in flight;
 * a client that half-closes (EOF) still gets the replies to what it sent.
 """
 from __future__ import annotations
@@ -70,6 +70,8 @@ class RpcConnection(asyncio.Protocol):
         self.closed = False
         self.discarding = False
         self._stall: asyncio.TimerHandle | None = None
+        self._stall_frame = -1   # stream offset of the frame the stall deadline belongs to
+        self._idle: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         # The Unpacker parses incrementally (max_buffer_size bounds unparsed bytes, not a frame), so the frame size
         # is tracked here: bytes fed so far minus the stream offset where the current frame started.
@@ -86,10 +88,27 @@ class RpcConnection(asyncio.Protocol):
             return
         self.server.connections.add(self)
         self.transport.set_write_buffer_limits(high=const.WRITE_HIGH_WATER_BYTES)
+        self._touch()
+
+    def _touch(self) -> None:
+        """Restart the idle deadline: a connection with nothing in flight and no bytes for IDLE_SECONDS closes."""
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(self.server.idle_seconds, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.closed:
+            return
+        if self.inflight or self.reading_paused:
+            self._touch()
+            return
+        log.info("closing a connection idle for %g s", self.server.idle_seconds)
+        self.closed = True
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        for timer in (self._linger, self._stall):
+        for timer in (self._linger, self._stall, self._idle):
             if timer is not None:
                 timer.cancel()
         self.server.connections.discard(self)
@@ -129,6 +148,7 @@ class RpcConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.discarding:
             return
+        self._touch()
         self.fed += len(data)
         try:
             self.unpacker.feed(data)
@@ -185,15 +205,22 @@ class RpcConnection(asyncio.Protocol):
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
+        self._stall_frame = -1
 
     def _arm_stall_timer(self) -> None:
-        """A partial frame must complete within STALLED_FRAME_SECONDS (slow-loris connections are closed)."""
+        """A frame must complete within STALLED_FRAME_SECONDS of its first byte, however its bytes trickle in
+        (slow-loris connections are closed); the deadline belongs to the frame, not to the last chunk."""
+        if self.closed or self.fed <= self.frame_start:
+            self._cancel_stall_timer()
+            return
+        if self._stall is not None and self._stall_frame == self.frame_start:
+            return  # same partial frame: keep its deadline
         self._cancel_stall_timer()
-        if not self.closed and self.fed > self.frame_start:
-            self._stall = asyncio.get_running_loop().call_later(self.server.stalled_frame_seconds, self._stalled)
+        self._stall_frame = self.frame_start
+        self._stall = asyncio.get_running_loop().call_later(self.server.stalled_frame_seconds, self._stalled)
 
     def _stalled(self) -> None:
-        if not self.closed and self.fed > self.frame_start:
+        if not self.closed and self.fed > self.frame_start and self._stall_frame == self.frame_start:
             self._fatal(ProtocolError(f"partial frame stalled for {self.server.stalled_frame_seconds:g} s; closing"))
 
     # -- dispatch ----------------------------------------------------------------------------------------------
@@ -297,12 +324,14 @@ class RpcServer:
 
     def __init__(self, service: Service, max_frame_bytes: int = const.MAX_FRAME_BYTES,
                  max_inflight: int = const.MAX_INFLIGHT_PER_CONNECTION, max_connections: int = const.MAX_CONNECTIONS,
-                 stalled_frame_seconds: float = const.STALLED_FRAME_SECONDS):
+                 stalled_frame_seconds: float = const.STALLED_FRAME_SECONDS,
+                 idle_seconds: float = const.IDLE_SECONDS):
         self.service = service
         self.max_frame_bytes = max_frame_bytes
         self.max_inflight = max_inflight
         self.max_connections = max_connections
         self.stalled_frame_seconds = stalled_frame_seconds
+        self.idle_seconds = idle_seconds
         self._unix_inode: int | None = None
         self.connections: set[RpcConnection] = set()
         self.tasks: set[asyncio.Task] = set()
@@ -383,9 +412,9 @@ def _remove_stale_socket(path: str) -> None:
 
 
 async def serve(service: Service, host: str | None, port: int | None, unix: str | None,
-                ready_callback=None, drain_timeout: float = 10.0) -> None:
-    """Run until SIGTERM / SIGINT, then drain and return."""
-    server = RpcServer(service)
+                ready_callback=None, drain_timeout: float = 10.0, **server_options) -> None:
+    """Run until SIGTERM / SIGINT, then drain and return. ``server_options`` go to RpcServer."""
+    server = RpcServer(service, **server_options)
     addresses = await server.start(host, port, unix)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

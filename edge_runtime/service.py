@@ -130,8 +130,11 @@ class Service:
                                                                           thread_name_prefix="score")
         self.sessions = SessionStore(max_sessions, session_events)
         self.cache = ResultCache(cache_entries, cache_items)
-        self.out_of_stock: frozenset[str] = frozenset()  # replaced, never mutated: requests share it lock-free
-        self._stock_mask: tuple[str, int, np.ndarray | None] | None = None
+        # Out-of-stock ids (unknown ids kept: a later model may know them), and for the current model a bool mask
+        # updated per change plus its packed snapshot, which requests hand to the scoring threads (never mutated).
+        self.out_of_stock: set[str] = set()
+        self._in_stock = np.ones(model.num_items, dtype=bool)
+        self._stock_bits: np.ndarray | None = None
         self._stock_version = 0
         self.started = time.time()
         self.requests: dict[str, int] = {}
@@ -161,25 +164,18 @@ class Service:
     def swap_model(self, model: Model) -> None:
         """Serve ``model`` from now on; requests already running finish on the model they started with."""
         old, self.model = self.model, model
+        self._in_stock = np.ones(model.num_items, dtype=bool)
+        self._in_stock[model.rows(self.out_of_stock)[0]] = False
+        self._stock_bits = scoring.pack_mask(self._in_stock) if self.out_of_stock else None
         self.cache.clear()
         log.info("model %s -> %s", old.version if old else None, model.version)
 
     # -- recommend -------------------------------------------------------------------------------------------
-    def _allow_mask(self, model: Model, categories: tuple[str, ...] | None, out_of_stock: frozenset | None,
-                    stock_version: int) -> np.ndarray | None:
+    @staticmethod
+    def _allow_mask(model: Model, categories: tuple[str, ...] | None, stock_bits: np.ndarray | None):
         """Packed allow-bitset: in stock AND (any of ``categories`` when given); None when everything passes.
-        Runs in a scoring thread (building a mask costs O(N)); the stock mask is memoized per model and
-        availability version."""
-        mask = None
-        if out_of_stock:
-            key = (model.version, stock_version)
-            memo = self._stock_mask
-            if memo is None or memo[:2] != key:
-                ok = np.ones(model.num_items, dtype=bool)
-                rows, _ = model.rows(out_of_stock)
-                ok[rows] = False
-                memo = self._stock_mask = (*key, scoring.pack_mask(ok))
-            mask = memo[2]
+        Runs in a scoring thread (a category mask is cached per value set by the model)."""
+        mask = stock_bits
         if categories is not None:
             cat = model.attribute_mask(categories)
             mask = cat if mask is None else np.bitwise_and(mask, cat)
@@ -230,10 +226,10 @@ class Service:
         excl_rows, _ = model.rows(exclude_ids)
         if exclude_seen:
             excl_rows = excl_rows + rows
-        stock = self.out_of_stock or None
+        stock_bits = self._stock_bits
         loop = asyncio.get_running_loop()
         ids, scores = await loop.run_in_executor(self.executor, self._score, model, rows, k, excl_rows, categories,
-                                                 stock, self._stock_version)
+                                                 stock_bits)
         result = {"items": [model.item_ids[i] for i in ids], "scores": scores.tolist(),
                   "model_version": model.version, "ignored": ignored,
                   "source": "model" if rows else "popularity"}
@@ -273,13 +269,18 @@ class Service:
     def set_availability(self, p: dict) -> dict:
         check_keys(p, ("items", "in_stock"), ("items", "in_stock"), "set_availability")
         items = as_id_list(p["items"], "items", const.MAX_BATCH_EVENTS)
-        if as_bool(p["in_stock"], "in_stock"):
-            self.out_of_stock = self.out_of_stock.difference(items)
+        in_stock = as_bool(p["in_stock"], "in_stock")
+        if in_stock:
+            self.out_of_stock.difference_update(items)
         else:
-            updated = self.out_of_stock.union(items)
-            if len(updated) > const.MAX_OUT_OF_STOCK:
+            new = set(items) - self.out_of_stock
+            if len(self.out_of_stock) + len(new) > const.MAX_OUT_OF_STOCK:
                 raise InvalidParams(f"at most {const.MAX_OUT_OF_STOCK} items can be out of stock at once")
-            self.out_of_stock = updated
+            self.out_of_stock.update(new)
+        rows, _ = self.model.rows(items)   # O(len(items)): only the changed rows are touched
+        self._in_stock[rows] = in_stock
+        # a new snapshot object (O(N / 8) bytes): scoring threads keep using the one they were given
+        self._stock_bits = scoring.pack_mask(self._in_stock) if self.out_of_stock else None
         self._stock_version += 1
         return {"ok": True, "out_of_stock": len(self.out_of_stock)}
 
@@ -292,11 +293,10 @@ class Service:
                 "cache_entries": len(self.cache), "scoring": scoring.IMPLEMENTATION,
                 "precision": m.precision if m else None}
 
-    def _score(self, model: Model, rows: list[int], k: int, exclude: list[int], categories, out_of_stock,
-               stock_version: int):
+    def _score(self, model: Model, rows: list[int], k: int, exclude: list[int], categories, stock_bits):
         """Filters + encoder + exact top-k scan (runs in a scoring thread). No known context -> the popularity list
         through the same scan, so filters apply to it too."""
-        allow = self._allow_mask(model, categories, out_of_stock, stock_version)
+        allow = self._allow_mask(model, categories, stock_bits)
         excl = np.asarray(exclude, dtype=np.int64) if exclude else None
         if rows:
             u = model.encode(rows)

@@ -75,8 +75,8 @@ class ResultCache:
     """LRU cache of recommend results keyed by (user, request parameters), valid only for the session version and
     model version it was computed with. ``invalidate(user)`` drops every entry of a user (called on each event).
 
-    Bounded twice: at most ``max_entries`` entries and at most ``max_items`` result items in all (an entry weighs
-    1 + len(items)), so large-k results cannot blow the memory budget."""
+    Bounded twice: at most ``max_entries`` entries and at most ``max_items`` ids in all (an entry weighs
+    1 + len(items) + len(ignored)), so large-k results cannot blow the memory budget."""
 
     def __init__(self, max_entries: int, max_items: int = 1_000_000):
         self.max_entries = max_entries
@@ -134,4 +134,4 @@ class ResultCache:
 
 
 def _weight(result: dict) -> int:
-    return 1 + len(result.get("items", ()))
+    return 1 + len(result.get("items", ())) + len(result.get("ignored", ()))

@@ -442,6 +442,40 @@ def test_unix_socket_and_sigterm(tiny_bundle, tmp_path):
     assert "stopped" in proc.stderr.read()
 
 
+def test_trickled_frame_and_idle_connections_are_closed(tiny_bundle):
+    from edge_runtime.process import free_port, start_daemon, stop_daemon
+
+    port = free_port()
+    proc = start_daemon(tiny_bundle, port, ["--stalled-frame-seconds", "1.0", "--idle-seconds", "1.5"])
+    try:
+        frame = msgpack.packb([0, 1, "recommend", [{"user": "x" * 200}]])
+        trickle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        closed_at = None
+        start = time.monotonic()
+        for i in range(20):            # one byte every 0.2 s: 4 s of bytes for a frame due within 1 s
+            try:
+                trickle.sendall(frame[i:i + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                closed_at = time.monotonic() - start
+                break
+            time.sleep(0.2)
+        if closed_at is None:
+            trickle.settimeout(5)
+            data = b""
+            while True:
+                chunk = trickle.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            assert b"stalled" in data
+        idle.settimeout(5)
+        assert idle.recv(1) == b""     # closed by the daemon after 1.5 s without traffic
+        assert_alive(port)
+    finally:
+        assert stop_daemon(proc) == 0
+
+
 def test_unix_socket_of_a_live_daemon_is_not_taken_over(tiny_bundle, tmp_path):
     from edge_runtime.client import Client
     from edge_runtime.process import free_port, start_daemon, stop_daemon

@@ -194,10 +194,52 @@ def test_int8_items_match_dequantized(backend):
     (lambda: scoring.topk(np.ones(4, np.float32), scoring.pack_int8(np.ones((3, 4), np.int8), np.ones(3, np.float32)),
                           1), "int8 queries"),
     (lambda: scoring.pack_int8(np.ones((3, 4), np.float32), np.ones(3, np.float32)), "needs int8 items"),
+    (lambda: scoring.topk(np.ones(4, np.float32), np.eye(4, dtype=np.float32), 1,
+                          exclude=np.array([False, False, False, True])), "boolean mask"),
+    (lambda: scoring.topk(np.ones(4, np.float32), np.eye(4, dtype=np.float32), 1, exclude=[0.9]), "integer item"),
+    (lambda: scoring.topk(np.ones(4, np.float32), np.eye(4, dtype=np.float32), 1,
+                          exclude=(i for i in range(2))), "sequence of item indices"),
+    (lambda: scoring.topk(np.ones(4, np.float32), np.eye(4, dtype=np.float32), 1, num_threads=2 ** 63),
+     "num_threads"),
+    (lambda: scoring.topk(np.ones(4, np.float32), np.eye(4, dtype=np.float32), 1, item_scales="junk"),
+     "int8 items only"),
+    (lambda: scoring.topk(np.ones((4096, 1), np.float32), np.ones((10 ** 6, 1), np.float32), 10 ** 6),
+     "results per call"),
+    (lambda: scoring.topk([1.0, 2.0], scoring.pack_int8(np.ones((3, 2), np.int8), np.ones(3, np.float32)), 1),
+     "NumPy array"),
 ])
 def test_bad_input_value_errors(call, words):
     with pytest.raises(ValueError, match=words):
         call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_batches_and_dims_do_not_crash(backend):
+    """Work buffers grow with d x batch (they once lived on the stack and crashed at ~8 MB)."""
+    if backend != "native":
+        pytest.skip("sizes chosen for the native kernel's buffers")
+    for nq, d in ((2048, 1024), (256, 8192)):
+        ids, sc = scoring.topk(np.ones((nq, d), np.float32), np.ones((64, d), np.float32), 1, backend=backend)
+        assert ids.shape == (nq, 1) and (ids == 0).all() and (sc == d).all()
+    q8 = np.full((64, 1024), -128, np.int8)
+    ids, _ = scoring.topk(q8, np.full((40, 1024), -128, np.int8), 1, item_scales=np.ones(40, np.float32),
+                          query_scales=np.ones(64, np.float32), backend=backend)
+    assert (ids == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_extremes_exact_in_batches(backend):
+    """-128 everywhere at d = 1024: the largest sums must stay exact on the batch path (2^24 = 128 * 128 * 1024)."""
+    rng = np.random.default_rng(5)
+    items = rng.choice(np.array([-128, 127, -127], np.int8), (50, 1024))
+    items[7] = -128
+    q = np.full((9, 1024), -128, np.int8)
+    kw = {"item_scales": np.ones(50, np.float32), "query_scales": np.ones(9, np.float32)}
+    ids, sc = scoring.topk(q, items, 5, backend=backend, **kw)
+    rid, rsc = reference(q, items, 5, **kw)
+    np.testing.assert_array_equal(ids, rid)
+    np.testing.assert_array_equal(sc, rsc)
+    assert ids[0, 0] == 7 and sc[0, 0] == 128 * 128 * 1024
 
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="native kernel not built")

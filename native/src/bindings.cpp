@@ -69,7 +69,7 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
             qscales = py::cast<py::array>(query_scales);
             check_array<float>(qscales, "query_scales", 1);
             require(qscales.shape(0) == a.nq, "query_scales must have one scale per query");
-            require(a.d <= 1040, "int8 queries support d <= 1040 (exact accumulation); use float32 queries");
+            require(a.d <= 1024, "int8 queries support d <= 1024 (exact accumulation); use float32 queries");
             a.query_scales = qscales.data();
             a.mode = packed ? Mode::I8P_I8Q : Mode::I8_I8Q;
         } else {
@@ -172,7 +172,7 @@ py::tuple topk_packed(py::array queries, py::array packed, std::int64_t n, int d
                       py::array item_scales, py::array query_scales, py::object allow, py::object exclude,
                       int num_threads) {
     check_array<std::uint8_t>(packed, "packed", 1);
-    require(d >= 1 && d <= 1040 && n >= 0, "packed int8 items need 1 <= d <= 1040");
+    require(d >= 1 && d <= 1024 && n >= 0, "packed int8 items need 1 <= d <= 1024");
     require(packed.shape(0) == ((n + edgerec::kTileRows - 1) / edgerec::kTileRows) * edgerec::packed_tile_bytes(d),
             "packed buffer size does not match n and d; build it with pack_i8");
     // Reuse the generic entry with a 2-D view of the right shape for the checks, then switch the mode.

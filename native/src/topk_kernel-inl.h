@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "topk_common.h"
 
@@ -277,8 +278,10 @@ static void scan_packed_1q(const ScanArgs& a, std::int64_t begin, std::int64_t e
     const int groups = static_cast<int>(packed_groups(d));
     const std::int64_t tile_bytes = packed_tile_bytes(d);
     const std::uint8_t* packed = static_cast<const std::uint8_t*>(a.items);
-    std::int32_t* q4 = static_cast<std::int32_t*>(__builtin_alloca(sizeof(std::int32_t) * groups + 64));
-    std::int8_t* qp = static_cast<std::int8_t*>(__builtin_alloca(groups * 4 + 64));
+    std::vector<std::int32_t> q4v(groups);
+    std::vector<std::int8_t> qpv(static_cast<std::size_t>(groups) * 4);
+    std::int32_t* q4 = q4v.data();
+    std::int8_t* qp = qpv.data();
     for (int j = 0; j < groups * 4; ++j) qp[j] = j < d ? q[j] : 0;
     std::memcpy(q4, qp, groups * 4);
     alignas(64) float buf[BLOCK];
@@ -352,12 +355,14 @@ static void scan_batch(const ScanArgs& a, std::int64_t begin, std::int64_t end, 
                        const float* post_scale_q) {
     const int d = a.d, nq = a.nq;
     const int nv = (nq + W - 1) / W, nqp = nv * W;
-    float* qt = static_cast<float*>(__builtin_alloca(sizeof(float) * d * nqp + 64));
+    // Work buffers on the heap: their size grows with d and the batch (no stack-size limit to hit).
+    std::vector<float> qtv(static_cast<std::size_t>(d) * nqp), scv(static_cast<std::size_t>(BLOCK) * nqp);
+    std::vector<float> xfv(std::is_same<Item, float>::value ? 0 : static_cast<std::size_t>(BLOCK) * d);
+    float* qt = qtv.data();
     for (int j = 0; j < d; ++j)
         for (int q = 0; q < nqp; ++q) qt[j * nqp + q] = q < nq ? qf[q * d + j] : 0.0f;
-    float* sc = static_cast<float*>(__builtin_alloca(sizeof(float) * BLOCK * nqp + 64));        // [item][query]
-    float* xf = std::is_same<Item, float>::value ? nullptr
-                                                 : static_cast<float*>(__builtin_alloca(sizeof(float) * BLOCK * d + 64));
+    float* sc = scv.data();  // [item][query]
+    float* xf = xfv.data();
     float buf[BLOCK];
     const Item* items = static_cast<const Item*>(a.items);
     for (std::int64_t base = begin; base < end; base += BLOCK) {
@@ -469,15 +474,15 @@ void scan(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap* heaps) 
         const std::int8_t* q8 = static_cast<const std::int8_t*>(a.queries);
 #if EDGEREC_W > 1
         if (a.nq >= kBatchMin) {
-            // Integer-valued floats: every partial sum is an integer below 2^24 (d <= 1040, checked by the caller),
-            // so float accumulation is exact and equals the int32 dot.
-            float* qf = static_cast<float*>(__builtin_alloca(sizeof(float) * a.nq * d + 64));
-            for (int i = 0; i < a.nq * d; ++i) qf[i] = static_cast<float>(q8[i]);
-            scan_batch<std::int8_t>(a, begin, end, heaps, qf, a.query_scales);
+            // Integer-valued floats: every partial sum is an integer of magnitude <= 128 * 128 * d < 2^24 (d <= 1024,
+            // checked by the caller), so float accumulation is exact and equals the int32 dot.
+            std::vector<float> qf(static_cast<std::size_t>(a.nq) * d);
+            for (std::size_t i = 0; i < qf.size(); ++i) qf[i] = static_cast<float>(q8[i]);
+            scan_batch<std::int8_t>(a, begin, end, heaps, qf.data(), a.query_scales);
             return;
         }
 #endif
-        std::int32_t* qcorr = static_cast<std::int32_t*>(__builtin_alloca(sizeof(std::int32_t) * a.nq + 64));
+        std::vector<std::int32_t> qcorr(a.nq);
         for (int q = 0; q < a.nq; ++q) {
             std::int32_t sq = 0;
             for (int j = 0; j < d; ++j) sq += q8[q * d + j];
