@@ -1,4 +1,4 @@
-"""Training loop: SASRec with softmax cross-entropy, early stopping on validation NDCG@10, then export.
+"""Training loop: SASRec or BERT4Rec with softmax cross-entropy, early stopping on validation NDCG@10, then export.
 
 ``run(cfg, out_dir)`` is what ``edgerec train`` does: read data -> leave-one-out split -> train (tqdm progress,
 early stopping on validation NDCG@10) -> test HR@10 / NDCG@10 of the PyTorch model -> ONNX export -> int8
@@ -124,7 +124,8 @@ def distributed() -> tuple[int, int]:
 
 
 def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) -> TrainResult:
-    """Train SASRec on ``data`` with early stopping on validation NDCG@10 (leave-one-out)."""
+    """Train SASRec or BERT4Rec (``cfg.model``) on ``data`` with early stopping on validation NDCG@10 (leave-one-out);
+    data-parallel under torchrun (see ``distributed``)."""
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
