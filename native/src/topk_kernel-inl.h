@@ -99,32 +99,23 @@ static inline float hsum(vf v) {
 #endif
 
 // ------------------------------------------------------------------------------------------------ dot products
-static inline float dot_f32(const float* q, const float* x, int d) {
-    int j = 0;
-    float s = 0.0f;
 #if EDGEREC_W > 1
-    vf a0 = vf{}, a1 = vf{};
-    for (; j + 2 * W <= d; j += 2 * W) {
-        a0 += loadf(q + j) * loadf(x + j);
-        a1 += loadf(q + j + W) * loadf(x + j + W);
-    }
-    for (; j + W <= d; j += W) a0 += loadf(q + j) * loadf(x + j);
-    s = hsum(a0 + a1);
+static inline vf loadx(const float* p) { return loadf(p); }
+static inline vf loadx(const std::int8_t* p) { return load8f(p); }
 #endif
-    for (; j < d; ++j) s += q[j] * x[j];
-    return s;
-}
 
-static inline float dot_i8f(const float* q, const std::int8_t* x, int d) {
+// <q, x> with float accumulation, for float32 or int8 items (widened to float lane by lane).
+template <typename Item>
+static inline float dot_f(const float* q, const Item* x, int d) {
     int j = 0;
     float s = 0.0f;
 #if EDGEREC_W > 1
     vf a0 = vf{}, a1 = vf{};
     for (; j + 2 * W <= d; j += 2 * W) {
-        a0 += loadf(q + j) * load8f(x + j);
-        a1 += loadf(q + j + W) * load8f(x + j + W);
+        a0 += loadf(q + j) * loadx(x + j);
+        a1 += loadf(q + j + W) * loadx(x + j + W);
     }
-    for (; j + W <= d; j += W) a0 += loadf(q + j) * load8f(x + j);
+    for (; j + W <= d; j += W) a0 += loadf(q + j) * loadx(x + j);
     s = hsum(a0 + a1);
 #endif
     for (; j < d; ++j) s += q[j] * static_cast<float>(x[j]);
@@ -448,7 +439,7 @@ void scan(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap* heaps) 
         if (a.nq >= kBatchMin) { scan_batch<float>(a, begin, end, heaps, qs, nullptr); return; }
 #endif
         scan_rows<float>(a, begin, end, heaps,
-                         [&](int q, const float* x, std::int64_t) { return dot_f32(qs + q * d, x, d); });
+                         [&](int q, const float* x, std::int64_t) { return dot_f(qs + q * d, x, d); });
         return;
     }
     case Mode::I8_F32Q: {
@@ -457,7 +448,7 @@ void scan(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap* heaps) 
         if (a.nq >= kBatchMin) { scan_batch<std::int8_t>(a, begin, end, heaps, qs, nullptr); return; }
 #endif
         scan_rows<std::int8_t>(a, begin, end, heaps, [&](int q, const std::int8_t* x, std::int64_t i) {
-            return dot_i8f(qs + q * d, x, d) * a.scales[i];
+            return dot_f(qs + q * d, x, d) * a.scales[i];
         });
         return;
     }
