@@ -3,7 +3,6 @@ embedded data) and a daemon subprocess serving it on a free loopback port."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

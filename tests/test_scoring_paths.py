@@ -25,7 +25,7 @@ def levels() -> list[str]:
 
 def run_suite(env_extra: dict, expect: str) -> None:
     env = dict(os.environ, **env_extra)
-    code = f"from edge_runtime import scoring; print(scoring.IMPLEMENTATION)"
+    code = "from edge_runtime import scoring; print(scoring.IMPLEMENTATION)"
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT)
     assert got.stdout.strip() == expect
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",

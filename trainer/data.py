@@ -263,7 +263,7 @@ def _parse_columns(spec: Sequence[str] | str | None) -> tuple[list[str] | None, 
     return roles, None
 
 
-def _sniff_dialect(path: Path) -> tuple[str, bool, list[str]]:
+def _sniff_dialect(path: Path) -> tuple[str, bool]:
     with open(path, "r", encoding="utf-8", errors="replace", newline="") as f:
         sample = f.read(64 * 1024)
     first = sample.splitlines()[0] if sample else ""
@@ -277,14 +277,14 @@ def _sniff_dialect(path: Path) -> tuple[str, bool, list[str]]:
     head = [_norm_header(h) for h in first.split(sep)]
     known = set(_USER_ALIASES + _ITEM_ALIASES + _TIME_ALIASES + _EVENT_ALIASES_COL + _CATEGORY_ALIASES)
     has_header = any(h in known for h in head)
-    return sep, has_header, head
+    return sep, has_header
 
 
 def _read_table(path: Path, columns) -> Interactions:
     import pandas as pd
 
     positional, named = _parse_columns(columns)
-    sep, has_header, head = _sniff_dialect(path)
+    sep, has_header = _sniff_dialect(path)
     if named:
         has_header = True  # columns named by header: the first row is the header, whatever its names
     try:

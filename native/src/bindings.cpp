@@ -175,7 +175,7 @@ py::tuple topk_packed(py::array queries, py::array packed, std::int64_t n, int d
     require(d >= 1 && d <= 1024 && n >= 0, "packed int8 items need 1 <= d <= 1024");
     require(packed.shape(0) == ((n + edgerec::kTileRows - 1) / edgerec::kTileRows) * edgerec::packed_tile_bytes(d),
             "packed buffer size does not match n and d; build it with pack_i8");
-    // Reuse the generic entry with a 2-D view of the right shape for the checks, then switch the mode.
+    // Same checks and scan as topk, with n and d given explicitly (the packed buffer is 1-D).
     return run_topk(queries, packed, n, d, k, item_scales, query_scales, allow, exclude, num_threads, true);
 }
 
