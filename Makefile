@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench-latency bench-topk clean
+.PHONY: install demo test bench-latency bench-topk bench-fleet bench-memory bench-quality clean
 
 $(BIN)/edgerec: setup.py pyproject.toml $(wildcard edge_runtime/*.py trainer/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ $(BENCH_BUNDLE)/manifest.json: | install
 
 bench-latency: install $(BENCH_BUNDLE)/manifest.json
 	$(BIN)/python bench/bench_latency.py --bundle $(BENCH_BUNDLE)
+
+bench-fleet: install $(BENCH_BUNDLE)/manifest.json
+	$(BIN)/python bench/bench_fleet.py --bundle $(BENCH_BUNDLE)
+
+bench-memory: install
+	$(BIN)/python bench/bench_memory.py
+
+bench-quality: install
+	$(BIN)/python bench/bench_quality.py
 
 bench-topk: install
 	$(BIN)/python -m pip install --quiet '.[bench]'

@@ -66,6 +66,10 @@ setup(
         "onnxruntime>=1.17",
         "msgpack>=1.0",
         "zeroconf>=0.100",
+        "cryptography>=41",
+        "prometheus_client>=0.17",
+        "python-json-logger>=3.1",
+        "tomli>=1.1; python_version < '3.11'",
         "threadpoolctl>=3.1",
     ],
     extras_require={

@@ -12,7 +12,10 @@ Layout (``FORMAT_VERSION`` 1)::
     item_ids.json            ["<item id>", ...] external item ids by row
     popularity.npy           float32 [N] training interaction counts, for shoppers with no known history
     item_attr_indptr.npy     (optional) int64 [N + 1] CSR offsets of each item's attribute list
-    item_attr_values.json    (optional) ["<attribute>", ...] the attribute strings, CSR values
+    item_attr_codes.npy      (optional) int32 [nnz] CSR values: index into item_attr_names.json
+    item_attr_names.json     (optional) ["<attribute>", ...] each distinct attribute value once
+                             (a load creates one string per distinct value, not one per item-attribute pair;
+                             bundles with the older item_attr_values.json [nnz strings] still load)
 
 Every file is listed in the manifest with its sha256; ``load_manifest`` refuses a bundle whose files are missing,
 altered or named outside the bundle directory, naming the file. Arrays are ``.npy`` read with
@@ -39,9 +42,11 @@ REQUIRED_FILES = ("encoder.int8.onnx", "items.f32.npy", "items.i8.npy", "items.s
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    buf = bytearray(1 << 18)   # one reused 256 KiB buffer: hashing a bundle allocates nothing per block
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""The ``edgerec`` command: train, serve, recommend, track, demo.
+"""The ``edgerec`` command: train, serve, recommend, track, demo; keygen, publish, registry, rollback.
 
 ``train`` and ``demo`` import the trainer (PyTorch, the ``[trainer]`` extra) only when they run; ``serve``,
 ``recommend`` and ``track`` need the daemon's dependencies only.
@@ -24,8 +24,7 @@ def _add_conn(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgerec", description="Real-time sequential recommendations on the edge.")
     ap.add_argument("--version", action="version", version=f"edgerec {__version__}")
-    ap.add_argument("--log-level", default=os.environ.get("EDGEREC_LOG_LEVEL", "INFO"),
-                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ap.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = ap.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train SASRec, export + int8-quantize it, write a bundle")
@@ -50,22 +49,68 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("serve", help="run the daemon on a bundle")
-    s.add_argument("--bundle", required=True, help="bundle directory (written by 'edgerec train')")
-    s.add_argument("--host", default=const.DEFAULT_HOST, help="TCP address (default %(default)s, loopback)")
-    s.add_argument("--port", type=int, default=const.DEFAULT_PORT,
-                   help="TCP port (default %(default)s; 0 picks a free one; -1 disables TCP)")
+    s = sub.add_parser("serve", help="run the daemon on a bundle",
+                       description="Settings come from --config FILE (default /etc/edgerec/edgerec.toml when it "
+                                   "exists), then EDGEREC_<SECTION>_<KEY> environment variables, then these flags "
+                                   "(deploy/edgerec.toml documents every key).")
+    s.add_argument("--config", default=None, help="TOML config file")
+    s.add_argument("--bundle", default=None,
+                   help="bundle directory (written by 'edgerec train'); optional with --state-dir")
+    s.add_argument("--host", default=None, help=f"TCP address (default {const.DEFAULT_HOST}, loopback)")
+    s.add_argument("--port", type=int, default=None,
+                   help=f"TCP port (default {const.DEFAULT_PORT}; 0 picks a free one; -1 disables TCP)")
     s.add_argument("--unix", default=None, help="also listen on this Unix socket path")
-    s.add_argument("--precision", choices=["int8", "fp32"], default="int8",
-                   help="encoder and item matrix to serve (default %(default)s)")
-    s.add_argument("--threads", type=int, default=const.SCORING_THREADS, help="scoring threads")
-    s.add_argument("--max-sessions", type=int, default=const.MAX_SESSIONS)
-    s.add_argument("--session-events", type=int, default=const.SESSION_EVENTS)
-    s.add_argument("--cache-entries", type=int, default=const.CACHE_ENTRIES)
-    s.add_argument("--stalled-frame-seconds", type=float, default=const.STALLED_FRAME_SECONDS,
+    s.add_argument("--precision", choices=["int8", "fp32"], default=None,
+                   help="encoder and item matrix to serve (default int8)")
+    s.add_argument("--threads", type=int, default=None, help=f"scoring threads (default {const.SCORING_THREADS})")
+    s.add_argument("--max-sessions", type=int, default=None)
+    s.add_argument("--session-events", type=int, default=None)
+    s.add_argument("--cache-entries", type=int, default=None)
+    s.add_argument("--stalled-frame-seconds", type=float, default=None,
                    help="close a connection whose frame is unfinished this long after its first byte")
-    s.add_argument("--idle-seconds", type=float, default=const.IDLE_SECONDS,
+    s.add_argument("--idle-seconds", type=float, default=None,
                    help="close a connection without traffic for this long")
+    s.add_argument("--drain-seconds", type=float, default=None,
+                   help="on SIGTERM, wait at most this long for requests in flight (default 10)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics on this loopback HTTP port (default 0: off)")
+    s.add_argument("--log-format", choices=["auto", "json", "plain"], default=None,
+                   help="auto (default): plain journald lines under systemd, JSON lines otherwise")
+    g = s.add_argument_group("model sync (registry, signatures, peers)")
+    g.add_argument("--state-dir", default=None,
+                   help="keep verified bundles here and follow the registry (needs --trusted-key)")
+    g.add_argument("--trusted-key", action="append", default=None,
+                   help="Ed25519 public key (PEM) whose signatures are accepted (repeatable)")
+    g.add_argument("--registry", default=None, help="registry HOST:PORT (default: discover it with zeroconf)")
+    g.add_argument("--no-discovery", dest="discovery", action="store_const", const=False, default=None,
+                   help="no zeroconf: neither announce this node nor discover registry and peers")
+    g.add_argument("--node-id", default=None, help="name announced to peers (default HOSTNAME-PORT)")
+    g.add_argument("--channel", default=None, help="registry channel to follow (default stable)")
+    g.add_argument("--keep", type=int, default=None, help="bundle versions kept on disk (default 3)")
+    g.add_argument("--poll-seconds", type=float, default=None,
+                   help="registry poll interval (default 30); backs off up to --max-backoff while unreachable")
+    g.add_argument("--max-backoff", type=float, default=None)
+
+    kg = sub.add_parser("keygen", help="create an Ed25519 key pair for signing bundles")
+    kg.add_argument("--out", required=True, help="writes OUT.key (private, 0600) and OUT.pub (public)")
+
+    pb = sub.add_parser("publish", help="sign a bundle and add it to a registry directory")
+    pb.add_argument("bundle", help="bundle directory")
+    pb.add_argument("--registry", required=True, help="the registry's bundle directory (edgerec registry --bundles)")
+    pb.add_argument("--key", required=True, help="Ed25519 private key (edgerec keygen)")
+    pb.add_argument("--channel", default="stable")
+    pb.add_argument("--version", dest="model_version", default=None,
+                    help="publish under this version instead of the manifest's model_version")
+
+    rg = sub.add_parser("registry", help="serve published bundles to edge nodes (MessagePack-RPC + zeroconf)")
+    rg.add_argument("--bundles", required=True, help="directory of published versions (edgerec publish)")
+    rg.add_argument("--host", default=const.DEFAULT_HOST)
+    rg.add_argument("--port", type=int, default=7710, help="TCP port (default %(default)s; 0 picks one)")
+    rg.add_argument("--no-discovery", action="store_true", help="do not announce over zeroconf")
+    rg.add_argument("--name", default=None, help="zeroconf instance name (default registry-HOSTNAME-PORT)")
+
+    rb = sub.add_parser("rollback", help="make a running daemon serve its previous model version")
+    _add_conn(rb)
 
     r = sub.add_parser("recommend", help="ask a running daemon for recommendations")
     _add_conn(r)
@@ -111,35 +156,96 @@ def _train(args) -> int:
     return 0
 
 
+def _serve_flags(args) -> dict:
+    flags = dict(vars(args))
+    flags["log_level"] = args.log_level if args.log_level_given else None
+    return flags
+
+
 def _serve(args) -> int:
+    from . import config as config_mod
+    from . import logs
+
+    try:
+        cfg = config_mod.load(args.config, flags=_serve_flags(args))
+    except config_mod.ConfigError as exc:
+        print(f"edgerec serve: config error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(cfg["log"]["level"], cfg["log"]["format"])
+    from .daemon import run_daemon
+    return run_daemon(cfg, reload_config=lambda: config_mod.load(args.config, flags=_serve_flags(args)))
+
+
+def _keygen(args) -> int:
+    from . import signing
+
+    try:
+        priv, pub = signing.keygen(args.out)
+    except OSError as exc:
+        print(f"edgerec keygen: {exc}", file=sys.stderr)
+        return 2
+    print(f"private key: {priv} (keep it on the trainer; mode 0600)\npublic key:  {pub} (give it to edge nodes: "
+          f"--trusted-key {pub})")
+    return 0
+
+
+def _publish(args) -> int:
     from .errors import BundleError
-    from .model import Model, limit_blas_threads
-    from .service import Service
+    from .registry import publish
+
+    try:
+        version = publish(args.bundle, args.registry, args.key, channel=args.channel, version=args.model_version)
+    except (BundleError, OSError) as exc:
+        print(f"edgerec publish: {exc}", file=sys.stderr)
+        return 2
+    print(f"published {version} (channel {args.channel}) to {args.registry}")
+    return 0
+
+
+def _registry(args) -> int:
+    import socket
+
+    from .registry import RegistryService
     from .server import serve
-    import concurrent.futures
 
     log = logging.getLogger("edgerec")
-    limit_blas_threads(1)
+    os.makedirs(args.bundles, exist_ok=True)
+    service = RegistryService(args.bundles)
+
+    async def main() -> None:
+        extras, discovery = [], None
+        if not args.no_discovery:
+            from .discovery import Discovery, is_loopback
+            from .fleet import RegistryAnnouncer
+
+            discovery = Discovery(loopback_only=is_loopback(args.host))
+            await discovery.start()
+            name = args.name or f"registry-{socket.gethostname()}-{args.port}"
+            extras.append(RegistryAnnouncer(discovery, service, name))
+        try:
+            await serve(service, args.host, args.port, None, extras=extras)
+        finally:
+            if discovery is not None:
+                await discovery.close()
+
     try:
-        model = Model(args.bundle, precision=args.precision)
-    except (BundleError, ValueError) as exc:
-        log.error("cannot serve: %s", exc)
-        return 2
-    log.info("loaded bundle %s: model %s, %d items, d=%d, load %.2f s", args.bundle, model.version, model.num_items,
-             model.dim, model.load_seconds)
-    executor = concurrent.futures.ThreadPoolExecutor(max(1, args.threads), thread_name_prefix="score")
-    service = Service(model, executor, max_sessions=args.max_sessions, session_events=args.session_events,
-                      cache_entries=args.cache_entries)
-    port = None if args.port is not None and args.port < 0 else args.port
-    if port is None and args.unix is None:
-        log.error("nothing to listen on: give --port >= 0 or --unix PATH")
-        return 2
-    try:
-        asyncio.run(serve(service, args.host, port, args.unix, stalled_frame_seconds=args.stalled_frame_seconds,
-                          idle_seconds=args.idle_seconds))
+        asyncio.run(main())
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 2
+    return 0
+
+
+def _rollback(args) -> int:
+    from .client import RpcError
+
+    try:
+        with _client(args) as c:
+            res = c.call("rollback")
+    except (OSError, RpcError) as exc:
+        print(f"edgerec rollback: {exc}", file=sys.stderr)
+        return 1
+    print(f"rolled back: {res['from']} -> {res['to']}")
     return 0
 
 
@@ -199,12 +305,19 @@ def _demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.log_level_given = args.log_level is not None
+    args.log_level = args.log_level or os.environ.get("EDGEREC_LOG_LEVEL", "INFO").upper()
+    if args.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        print(f"edgerec: EDGEREC_LOG_LEVEL={args.log_level!r}: must be DEBUG, INFO, WARNING or ERROR",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     # Export / quantization libraries log per-tensor INFO and irrelevant warnings (torchvision ops, HF configs).
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "optimum"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    handler = {"train": _train, "serve": _serve, "recommend": _recommend, "track": _track, "demo": _demo}
+    handler = {"train": _train, "serve": _serve, "recommend": _recommend, "track": _track, "demo": _demo,
+               "keygen": _keygen, "publish": _publish, "registry": _registry, "rollback": _rollback}
     return handler[args.command](args)
 
 

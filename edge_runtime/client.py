@@ -85,3 +85,50 @@ class Client:
     def notify(self, method: str, **params) -> None:
         """Fire-and-forget notification (no reply, errors are not reported)."""
         self.sock.sendall(msgpack.packb([2, method, [params]], use_bin_type=True))
+
+
+class AsyncClient:
+    """asyncio MessagePack-RPC client, one request at a time (the sync loop's transfers; peers and registry).
+
+    ``await AsyncClient.connect(host, port, timeout)``; ``await c.call(method, **params)``; ``await c.close()``.
+
+    Raises:
+        OSError / asyncio.TimeoutError: cannot connect, connection lost, or no reply within ``timeout`` s;
+        RpcError: the peer answered with an error.
+    """
+
+    def __init__(self, reader, writer, timeout: float):
+        self.reader, self.writer, self.timeout = reader, writer, timeout
+        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=64 << 20)
+        self._ids = itertools.count(1)
+
+    @classmethod
+    async def connect(cls, host: str, port: int, timeout: float = 10.0) -> "AsyncClient":
+        import asyncio
+
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        return cls(reader, writer, timeout)
+
+    async def call(self, method: str, **params) -> Any:
+        import asyncio
+
+        msgid = next(self._ids) & 0xFFFFFFFF
+        self.writer.write(msgpack.packb([0, msgid, method, [params]], use_bin_type=True))
+        await asyncio.wait_for(self.writer.drain(), self.timeout)
+        while True:
+            for msg in self.unpacker:
+                if isinstance(msg, list) and len(msg) == 4 and msg[0] == 1 and msg[1] == msgid:
+                    if msg[2] is not None:
+                        raise RpcError(msg[2])
+                    return msg[3]
+            data = await asyncio.wait_for(self.reader.read(1 << 20), self.timeout)
+            if not data:
+                raise ConnectionError(f"connection closed while waiting for {method!r}")
+            self.unpacker.feed(data)
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass

@@ -69,3 +69,11 @@ class ModelNotLoadedError(RuntimeError, EdgeRuntimeError):
     """No model is loaded."""
 
     code = MODEL_NOT_LOADED
+
+
+class SignatureError(BundleError):
+    """A bundle is unsigned, signed by a key that is not trusted, or its signature does not verify."""
+
+
+class SyncError(RuntimeError, EdgeRuntimeError):
+    """Model sync failed (registry unreachable, transfer or verification failure); the node keeps serving."""

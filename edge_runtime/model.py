@@ -32,6 +32,36 @@ def limit_blas_threads(n: int = 1) -> None:
     threadpool_limits(limits=n, user_api="blas")
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else None
+
+
+def limit_malloc_arenas(n: int = 2) -> bool:
+    """glibc only: at most ``n`` malloc arenas (mallopt M_ARENA_MAX; call before threads start). Each thread that
+    allocates otherwise gets its own arena, and a model loaded in a worker thread during a hot swap would not reuse
+    memory the event loop freed. Returns False where glibc is not there (musl, macOS)."""
+    lib = _libc()
+    return bool(lib and lib.mallopt(-8, n) == 1)   # -8 = M_ARENA_MAX
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; ctypes releases the GIL during the call). The
+    hot swap calls it after a transfer (before loading the new model) and after dropping the old model, so neither
+    the transfer's buffers nor the old model stack on top of the swap's peak RSS. No ``gc.collect()``: a model
+    holds no reference cycles, and a full collection over a large session store would stall the event loop."""
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
 class Encoder:
     """ONNX Runtime session encoder: ``item_seq`` int64 [B, L] -> ``user_vec`` float32 [B, d].
 
@@ -48,6 +78,9 @@ class Encoder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # No memory arena: the encoder is small, an arena costs ~1 MiB more per loaded model (two are loaded during
+        # a hot swap) and measured no faster.
+        opts.enable_cpu_mem_arena = False
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -93,11 +126,20 @@ class Model:
             with open(self.path / "item_ids.json", "r", encoding="utf-8") as f:
                 self.item_ids = [str(x) for x in json.load(f)]
             self.popularity = load("popularity.npy").astype(np.float32)
-            self.attr_indptr = self.attr_values = None
+            self.attr_indptr = None
+            attr_codes, attr_names = np.zeros(0, dtype=np.int64), []
             if (self.path / "item_attr_indptr.npy").is_file():
                 self.attr_indptr = load("item_attr_indptr.npy")
-                with open(self.path / "item_attr_values.json", "r", encoding="utf-8") as f:
-                    self.attr_values = np.asarray([str(v) for v in json.load(f)], dtype=object)
+                if (self.path / "item_attr_codes.npy").is_file():
+                    attr_codes = load("item_attr_codes.npy").astype(np.int64)
+                    with open(self.path / "item_attr_names.json", "r", encoding="utf-8") as f:
+                        attr_names = [str(v) for v in json.load(f)]
+                else:   # older bundles: one string per (item, attribute) pair
+                    with open(self.path / "item_attr_values.json", "r", encoding="utf-8") as f:
+                        codes: dict[str, int] = {}
+                        attr_codes = np.fromiter((codes.setdefault(str(v), len(codes)) for v in json.load(f)),
+                                                 dtype=np.int64)
+                        attr_names = list(codes)
         except (OSError, ValueError) as exc:
             raise BundleError(f"{self.path}: cannot read bundle arrays: {exc}") from None
         n = len(self.item_ids)
@@ -109,13 +151,22 @@ class Model:
         self.popularity_column = np.ascontiguousarray(self.popularity.reshape(-1, 1))
         self.dim = int(self.items.shape[1])
         # attribute value -> int64 item rows (an inverted index: a category mask costs O(rows of those values))
+        # Built from integer codes: each value's rows are a view of one int64 array (no per-entry objects, so a
+        # second model loaded beside the first during a hot swap costs little more than its arrays).
         self.attr_rows: dict[str, np.ndarray] = {}
         if self.attr_indptr is not None:
+            if len(attr_codes) != int(self.attr_indptr[-1]) or len(self.attr_indptr) != n + 1 or (
+                    len(attr_codes) and not 0 <= int(attr_codes.min()) <= int(attr_codes.max()) < len(attr_names)):
+                raise BundleError(f"{self.path}: item attribute table is inconsistent ({len(attr_codes)} codes over "
+                                  f"{len(attr_names)} names, indptr ending at {int(self.attr_indptr[-1])} over "
+                                  f"{len(self.attr_indptr) - 1} items)")
             owners = np.repeat(np.arange(n, dtype=np.int64), np.diff(self.attr_indptr))
-            order = np.argsort(self.attr_values, kind="stable")
-            vals, starts = np.unique(self.attr_values[order], return_index=True)
-            for v, rows in zip(vals, np.split(owners[order], starts[1:])):
-                self.attr_rows[str(v)] = rows
+            order = np.argsort(attr_codes, kind="stable")
+            rows_by_value = owners[order]
+            bounds = np.searchsorted(attr_codes[order], np.arange(len(attr_names) + 1))
+            for j, v in enumerate(attr_names):
+                if bounds[j + 1] > bounds[j]:
+                    self.attr_rows[v] = rows_by_value[bounds[j]:bounds[j + 1]]
         self._attr_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._attr_lock = threading.Lock()
         self.warmup_us = self._warmup()

@@ -117,7 +117,7 @@ class RpcConnection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.closed or self.transport is None:
             return
-        want_pause = self.inflight >= self.server.max_inflight or self.write_paused
+        want_pause = self.inflight >= self.server.max_inflight or self.write_paused or self.server.draining
         if want_pause and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()
@@ -140,6 +140,11 @@ class RpcConnection(asyncio.Protocol):
         self._process()
         self._close_if_done()
         return True
+
+    def _close_if_drained(self) -> None:
+        """Draining, every received frame dispatched: close once nothing runs (close() flushes the replies)."""
+        if self.server.draining and not self.inflight and not self.closed and self.transport is not None:
+            self.transport.close()
 
     def _close_if_done(self) -> None:
         if self.eof and self.inflight == 0 and not self.closed and self.transport is not None:
@@ -165,6 +170,9 @@ class RpcConnection(asyncio.Protocol):
         """Dispatch buffered frames while the in-flight limit and the client's reading allow it."""
         limit = self.server.max_frame_bytes
         while not self.closed and not self.discarding and self.unpacker is not None:
+            if self.server.draining:   # shutting down: read nothing more; frames already received still run
+                self._update_reading()
+                self._cancel_stall_timer()
             if self.inflight >= self.server.max_inflight or self.write_paused:
                 self._update_reading()
                 self._cancel_stall_timer()  # waiting on us (or on the client reading), not a stalled frame
@@ -174,6 +182,9 @@ class RpcConnection(asyncio.Protocol):
             except StopIteration:
                 if self.fed - self.frame_start > limit:
                     self._fatal(self._too_large())
+                if self.server.draining:
+                    self._close_if_drained()
+                    return
                 break
             except msgpack.BufferFull:
                 self._fatal(self._too_large())
@@ -243,42 +254,53 @@ class RpcConnection(asyncio.Protocol):
                 f"got an array of {len(msg)} element(s) starting with {first}").to_wire(), None)
 
     def _run(self, msgid: int | None, method: Any, params: Any) -> None:
+        t0 = time.perf_counter()
         try:
             handler, is_async = self.service.lookup(method)
             p = _params_map(params)
             self.service.requests[method] = self.service.requests.get(method, 0) + 1
             if not is_async:
-                self._finish(msgid, handler(p), None)
+                result = handler(p)
+                self._finish(msgid, result, None)
+                self.service.observe(method, time.perf_counter() - t0, None)
                 return
         except EdgeRuntimeError as exc:
             self._finish(msgid, None, exc)
+            self.service.observe(method, time.perf_counter() - t0, exc.code)
             return
         except Exception as exc:  # a bug in a handler must not take the connection down
             log.exception("handler %r failed", method)
             self._finish(msgid, None, exc)
+            self.service.observe(method, time.perf_counter() - t0, INTERNAL_ERROR)
             return
         task = asyncio.ensure_future(handler(p))
         self.server.tasks.add(task)
         self.inflight += 1
-        task.add_done_callback(lambda t, msgid=msgid, method=method: self._task_done(t, msgid, method))
+        task.add_done_callback(lambda t, msgid=msgid, method=method: self._task_done(t, msgid, method, t0))
 
-    def _task_done(self, task: asyncio.Task, msgid: int | None, method: str) -> None:
+    def _task_done(self, task: asyncio.Task, msgid: int | None, method: str, t0: float) -> None:
         self.server.tasks.discard(task)
         self.inflight -= 1
-        self._reply_from(task, msgid, method)
+        code = self._reply_from(task, msgid, method)
+        self.service.observe(method, time.perf_counter() - t0, code)
         self._update_reading()
-        if not self.reading_paused:
+        if not self.reading_paused or self.server.draining:
             self._process()
         self._close_if_done()
 
-    def _reply_from(self, task: asyncio.Task, msgid: int | None, method: str) -> None:
+    def _reply_from(self, task: asyncio.Task, msgid: int | None, method: str) -> int | None:
+        """Reply with the task's outcome; returns the error code sent, or None."""
         if task.cancelled():
-            self._finish(msgid, None, EdgeRuntimeError("request cancelled: the daemon is shutting down"))
-            return
+            exc = EdgeRuntimeError("request cancelled: the daemon is shutting down")
+            self._finish(msgid, None, exc)
+            return exc.code
         exc = task.exception()
         if exc is not None and not isinstance(exc, EdgeRuntimeError):
             log.error("handler %r failed: %r", method, exc, exc_info=exc)
         self._finish(msgid, None if exc else task.result(), exc)
+        if exc is None:
+            return None
+        return exc.code if isinstance(exc, EdgeRuntimeError) else INTERNAL_ERROR
 
     def _finish(self, msgid: int | None, result: Any, exc: BaseException | None) -> None:
         if exc is not None:
@@ -338,12 +360,26 @@ class RpcServer:
         self.servers: list[asyncio.base_events.Server] = []
         self.addresses: list[str] = []
         self.received = 0
+        self.draining = False
 
     async def start(self, host: str | None = const.DEFAULT_HOST, port: int | None = const.DEFAULT_PORT,
-                    unix: str | None = None) -> list[str]:
-        """Bind the listeners; returns their addresses (``tcp://host:port``, ``unix:///path``)."""
+                    unix: str | None = None, sockets: list[socket.socket] | None = None) -> list[str]:
+        """Bind the listeners; returns their addresses (``tcp://host:port``, ``unix:///path``). ``sockets``:
+        listening sockets handed over by systemd socket activation, served instead of binding host / port / unix."""
         loop = asyncio.get_running_loop()
         factory = lambda: RpcConnection(self)  # noqa: E731
+        if sockets:
+            for sock in sockets:
+                sock.setblocking(False)
+                if sock.family == socket.AF_UNIX:
+                    srv = await loop.create_unix_server(factory, sock=sock)
+                    self.addresses.append(f"unix://{sock.getsockname()} (socket activation)")
+                else:
+                    srv = await loop.create_server(factory, sock=sock)
+                    addr = sock.getsockname()
+                    self.addresses.append(f"tcp://{addr[0]}:{addr[1]} (socket activation)")
+                self.servers.append(srv)
+            return self.addresses
         if port is not None:
             srv = await loop.create_server(factory, host, port, reuse_address=True)
             self.servers.append(srv)
@@ -360,10 +396,24 @@ class RpcServer:
             self.addresses.append(f"unix://{unix}")
         return self.addresses
 
+    @property
+    def tcp_port(self) -> int | None:
+        """The bound TCP port (the one picked when started with port 0), or None without TCP."""
+        for srv in self.servers:
+            for sock in srv.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    return sock.getsockname()[1]
+        return None
+
     async def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop accepting, let in-flight requests finish (at most ``timeout`` s), then close connections."""
+        """Stop accepting connections and reading requests, let the requests in flight finish (at most ``timeout`` s;
+        each connection closes once its replies are written), then close what is left."""
+        self.draining = True
         for srv in self.servers:
             srv.close()
+        for conn in list(self.connections):
+            conn._update_reading()
+            conn._process()
         deadline = time.monotonic() + timeout
         while self.tasks and time.monotonic() < deadline:
             await asyncio.wait(list(self.tasks), timeout=max(0.0, deadline - time.monotonic()))
@@ -412,10 +462,22 @@ def _remove_stale_socket(path: str) -> None:
 
 
 async def serve(service: Service, host: str | None, port: int | None, unix: str | None,
-                ready_callback=None, drain_timeout: float = 10.0, **server_options) -> None:
-    """Run until SIGTERM / SIGINT, then drain and return. ``server_options`` go to RpcServer."""
+                ready_callback=None, drain_timeout: float = 10.0, extras=(), sockets=None, reload=None,
+                **server_options) -> None:
+    """Run until SIGTERM / SIGINT, then drain and return. ``server_options`` go to RpcServer.
+
+    ``extras``: objects with ``async start(server)`` / ``async stop()`` (model sync, zeroconf announcements),
+    started once the listeners are bound and stopped (in reverse order) before the drain. ``sockets``: systemd
+    socket activation. ``reload``: ``async reload()`` run on SIGHUP (config and newest bundle).
+
+    systemd (``systemd.py``; no-ops outside it): ``READY=1`` once the listeners are bound and the encoder has
+    answered a warm-up request through the served path; ``WATCHDOG=1`` from the event loop; ``RELOADING=1`` /
+    ``STOPPING=1`` around SIGHUP / SIGTERM. SIGTERM drains: no new connections or requests are accepted, requests
+    in flight get their replies (at most ``drain_timeout`` s), then the process exits with status 0."""
+    from . import systemd
+
     server = RpcServer(service, **server_options)
-    addresses = await server.start(host, port, unix)
+    addresses = await server.start(host, port, unix, sockets=sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -423,25 +485,69 @@ async def serve(service: Service, host: str | None, port: int | None, unix: str 
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+    reload_tasks: set[asyncio.Task] = set()
+
+    async def do_reload() -> None:
+        systemd.notify("RELOADING=1")
+        try:
+            await reload()
+        except Exception:  # a failed reload keeps the running config and model
+            log.exception("reload failed; still serving the previous configuration and model")
+        systemd.notify("READY=1")
+
+    if reload is not None:
+        def on_hup() -> None:
+            t = asyncio.ensure_future(do_reload())
+            reload_tasks.add(t)
+            t.add_done_callback(reload_tasks.discard)
+        try:
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+        except (NotImplementedError, RuntimeError):
+            pass
     m = service.model
-    log.info("serving model %s (%s, %d items, scoring: %s) on %s", m.version, m.precision, m.num_items,
-             scoring.IMPLEMENTATION, ", ".join(addresses))
+    if m is not None:
+        log.info("serving model %s (%s, %d items, scoring: %s) on %s", m.version, m.precision, m.num_items,
+                 scoring.IMPLEMENTATION, ", ".join(addresses))
+    else:
+        log.info("listening on %s (%s)", ", ".join(addresses), "no model yet" if service.executor is not None
+                 else type(service).__name__)
     note = scoring._native.simd_note() if scoring.BACKEND == "native" else ""
     if note:
         log.warning("%s; using %s", note, scoring.simd_level())
-    if ready_callback is not None:
-        ready_callback(addresses)
+    started = []
+    watchdog = None
     try:
+        for extra in extras:
+            await extra.start(server)
+            started.append(extra)
+        if getattr(service, "model", None) is not None and hasattr(service, "warm_up"):
+            await service.warm_up()
+        if ready_callback is not None:
+            ready_callback(addresses)
+        systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(addresses)}\nMAINPID={os.getpid()}")
+        interval = systemd.watchdog_interval()
+        if interval:
+            async def ping() -> None:
+                while True:
+                    systemd.notify("WATCHDOG=1")
+                    await asyncio.sleep(interval)
+            watchdog = asyncio.ensure_future(ping())
         await stop.wait()
     finally:
+        systemd.notify("STOPPING=1\nSTATUS=draining")
+        if watchdog is not None:
+            watchdog.cancel()
+        for extra in reversed(started):
+            await extra.stop()
         log.info("shutting down: draining %d in-flight request(s)", len(server.tasks))
         await server.shutdown(drain_timeout)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             try:
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):
                 pass
         if unix is not None:
             server.remove_unix_socket(unix)
-        service.executor.shutdown(wait=True)
+        if service.executor is not None:
+            service.executor.shutdown(wait=True)
         log.info("stopped")

@@ -13,7 +13,8 @@ Methods (params: one map):
   ``{ok: true, count}`` (validated as a whole first: one bad event rejects the batch, nothing half-applied).
 * ``set_availability {items: [...], in_stock: bool}`` -> ``{ok: true, out_of_stock}``: out-of-stock items are never
   recommended (an allow-mask in the scan).
-* ``health`` -> ``{status, model_version, uptime_s, ...}``; ``model_info`` -> the manifest summary.
+* ``health`` -> ``{status, model_version, uptime_s, ...}``; ``model_info`` -> the manifest summary; ``stats`` ->
+  the Prometheus figures (``metrics.py``) as one map.
 """
 from __future__ import annotations
 
@@ -133,8 +134,9 @@ class Service:
         # Out-of-stock ids (unknown ids kept: a later model may know them), and for the current model a bool mask
         # updated per change plus its packed snapshot, which requests hand to the scoring threads (never mutated).
         self.out_of_stock: set[str] = set()
-        self._in_stock = np.ones(model.num_items, dtype=bool)
+        self._in_stock = np.ones(model.num_items if model is not None else 0, dtype=bool)
         self._stock_bits: np.ndarray | None = None
+        self.sync = None   # a sync.SyncManager, see attach_sync
         self._stock_version = 0
         self.started = time.time()
         self.requests: dict[str, int] = {}
@@ -146,7 +148,27 @@ class Service:
             "set_availability": (self.set_availability, False),
             "health": (self.health, False),
             "model_info": (self.model_info, False),
+            "stats": (self.stats, False),
         }
+        from .metrics import Metrics
+
+        self.metrics = Metrics(self)
+
+    def observe(self, method: Any, seconds: float, code: int | None) -> None:
+        """Per-request accounting from the server: latency histogram, counters (see ``metrics``)."""
+        self.metrics.observe(method, seconds, code)
+
+    async def warm_up(self) -> None:
+        """One request through the served path (encoder + scan on a scoring thread) before the daemon says it is
+        ready: the first real request then finds threads, ONNX session and kernel warm."""
+        m = self.model
+        row = int(np.argmax(m.popularity))
+        await self.recommend({"history": [m.item_ids[row]], "k": 10})
+
+    def stats(self, p: dict) -> dict:
+        """The figures of the Prometheus endpoint as one map (see ``metrics.Metrics.stats``)."""
+        check_keys(p, (), (), "stats")
+        return self.metrics.stats()
 
     def lookup(self, method: Any) -> tuple[Callable, bool]:
         """(handler, is_async) for a method name.
@@ -160,6 +182,26 @@ class Service:
             return self.methods[method]
         except KeyError:
             raise MethodNotFound(f"unknown method {method[:64]!r}; methods: {sorted(self.methods)}") from None
+
+    def attach_sync(self, sync) -> None:
+        """Model sync is on: add ``rollback`` and the bundle-serving methods peers use (``versions``,
+        ``manifest``, ``fetch``, over this node's verified bundles) and a ``sync`` section in ``health``."""
+        from .registry import StoreMethods
+
+        self.sync = sync
+        table = StoreMethods(sync.store).table()
+        for name in ("versions", "manifest", "fetch"):
+            self.methods[name] = table[name]
+        self.methods["rollback"] = (self.rollback, True)
+
+    async def rollback(self, p: dict) -> dict:
+        check_keys(p, (), (), "rollback")
+        from .errors import SyncError
+
+        try:
+            return await self.sync.rollback()
+        except SyncError as exc:
+            raise InvalidParams(str(exc)) from None
 
     def swap_model(self, model: Model) -> None:
         """Serve ``model`` from now on; requests already running finish on the model they started with."""
@@ -277,8 +319,9 @@ class Service:
             if len(self.out_of_stock) + len(new) > const.MAX_OUT_OF_STOCK:
                 raise InvalidParams(f"at most {const.MAX_OUT_OF_STOCK} items can be out of stock at once")
             self.out_of_stock.update(new)
-        rows, _ = self.model.rows(items)   # O(len(items)): only the changed rows are touched
-        self._in_stock[rows] = in_stock
+        if self.model is not None:
+            rows, _ = self.model.rows(items)   # O(len(items)): only the changed rows are touched
+            self._in_stock[rows] = in_stock
         # a new snapshot object (O(N / 8) bytes): scoring threads keep using the one they were given
         self._stock_bits = scoring.pack_mask(self._in_stock) if self.out_of_stock else None
         self._stock_version += 1
@@ -288,10 +331,14 @@ class Service:
     def health(self, p: dict) -> dict:
         check_keys(p, (), (), "health")
         m = self.model
-        return {"status": "ok" if m is not None else "no_model", "model_version": m.version if m else None,
-                "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions),
-                "cache_entries": len(self.cache), "scoring": scoring.IMPLEMENTATION,
-                "precision": m.precision if m else None}
+        out = {"status": "ok" if m is not None else "no_model", "model_version": m.version if m else None,
+               "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions),
+               "cache_entries": len(self.cache), "scoring": scoring.IMPLEMENTATION,
+               "precision": m.precision if m else None}
+        if self.sync is not None:
+            out["sync"] = self.sync.health()
+            out["offline"] = out["sync"]["registry_reachable"] is False
+        return out
 
     def _score(self, model: Model, rows: list[int], k: int, exclude: list[int], categories, stock_bits):
         """Filters + encoder + exact top-k scan (runs in a scoring thread). No known context -> the popularity list

@@ -52,6 +52,15 @@ class SessionStore:
     def get(self, user: str) -> Session | None:
         return self._sessions.get(user)
 
+    def resize(self, max_sessions: int) -> None:
+        """New bound (SIGHUP); the least recently active sessions beyond it are evicted now."""
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        self.max_sessions = max_sessions
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+            self.evicted += 1
+
     def track(self, user: str, item: str, event: str, ts: float | None = None) -> Session:
         """Append an event (``ts`` in unix seconds, default now) and bump the session's version."""
         s = self._sessions.get(user)
@@ -109,6 +118,11 @@ class ResultCache:
         self._entries[key] = (session_version, model_version, result)
         self.weight += _weight(result)
         self._by_user.setdefault(user, set()).add(params)
+        self.resize(self.max_entries, self.max_items)
+
+    def resize(self, max_entries: int, max_items: int) -> None:
+        """New bounds (SIGHUP); the least recently used entries beyond them are dropped now."""
+        self.max_entries, self.max_items = max_entries, max_items
         while self._entries and (len(self._entries) > self.max_entries or self.weight > self.max_items):
             (old_user, old_params), (_, _, res) = self._entries.popitem(last=False)
             self.weight -= _weight(res)

@@ -68,3 +68,11 @@ def daemon(tiny_bundle):
 def beauty_data(beauty_subset):
     from trainer import data
     return data.load(beauty_subset)
+
+
+def attr_values(bundle_dir: Path) -> list[str]:
+    """The CSR values of a bundle's item attributes as strings (names[codes])."""
+    import numpy as np
+
+    names = json.loads((bundle_dir / "item_attr_names.json").read_text())
+    return [names[c] for c in np.load(bundle_dir / "item_attr_codes.npy").tolist()]

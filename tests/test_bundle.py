@@ -102,3 +102,43 @@ def test_write_bundle_refuses_foreign_directory(tmp_path):
     with pytest.raises(BundleError, match="is not a bundle"):
         bundle.write_bundle(foreign, staged, {"model_version": "v"})
     assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_attribute_index_matches_the_csr_table(tiny_bundle):
+    """Model.attr_rows (built from integer codes) lists exactly the items whose CSR attribute list holds the value."""
+    import numpy as np
+
+    from edge_runtime.model import Model
+
+    m = Model(tiny_bundle)
+    from conftest import attr_values
+
+    vals = attr_values(tiny_bundle)
+    ind = m.attr_indptr
+    expect: dict[str, list[int]] = {}
+    for r in range(m.num_items):
+        for v in vals[ind[r]:ind[r + 1]]:
+            expect.setdefault(v, []).append(r)
+    assert set(m.attr_rows) == set(expect) and len(expect) > 10
+    for v, rows in expect.items():
+        assert np.array_equal(np.sort(m.attr_rows[v]), np.asarray(rows)), v
+
+
+def test_legacy_attribute_strings_load_the_same_index(tiny_bundle, tmp_path):
+    """Bundles written before item_attr_codes.npy (one JSON string per item-attribute pair) give the same index."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from conftest import attr_values
+    from edge_runtime.model import Model
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    (old / "item_attr_values.json").write_text(json.dumps(attr_values(tiny_bundle)))
+    (old / "item_attr_codes.npy").unlink()
+    (old / "item_attr_names.json").unlink()
+    a, b = Model(tiny_bundle), Model(old, verify=False)
+    assert set(a.attr_rows) == set(b.attr_rows)
+    assert all(np.array_equal(a.attr_rows[v], b.attr_rows[v]) for v in a.attr_rows)

@@ -1,6 +1,7 @@
 """Integration: `edgerec serve` as a subprocess on a free loopback port, driven by a plain msgpack socket client."""
 from __future__ import annotations
 
+
 from edge_runtime.process import PACKAGE_ROOT
 
 import socket
@@ -159,7 +160,10 @@ def test_category_filter_and_availability(raw, tiny_bundle):
     from edge_runtime.model import Model
 
     model = Model(tiny_bundle)
-    ind, vals = model.attr_indptr, model.attr_values
+    ind = model.attr_indptr
+    from conftest import attr_values
+
+    vals = attr_values(tiny_bundle)
     counts = {}
     for v in vals:
         counts[v] = counts.get(v, 0) + 1

@@ -137,3 +137,28 @@ def test_cli_train_on_a_table(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "edge_runtime", "train", "--data", str(tmp_path / "nope.csv"),
                           "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120, cwd=PACKAGE_ROOT)
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "bert4rec"])
+def test_attribute_side_info_folds_into_the_exported_table(kind):
+    """With item attributes, an item's embedding is id + mean(attribute embeddings); ``folded`` bakes that into the
+    plain table the ONNX encoder carries, and gives the same user vectors and item matrix."""
+    from trainer.train import attribute_codes
+
+    attrs = [["a", "b"], [], ["b"], ["c", "a", "d"]] * 10      # 40 items, one without attributes in every 4
+    indptr, codes, nv = attribute_codes(attrs)
+    assert nv == 4 and indptr[-1] == len(codes) == 60
+    m = build_model(kind, 40, max_len=8, hidden=16, blocks=1, heads=1, dropout=0.0,
+                    item_attributes=(indptr, codes, nv)).eval()
+    with torch.no_grad():
+        m.attr_emb.weight.normal_()
+        table = m.item_table()
+        # item row 0 (token 1) has attributes a, b: id + mean(a, b); item row 1 (token 2) has none: id only
+        expect = m.item_emb.weight[1] + (m.attr_emb.weight[0] + m.attr_emb.weight[1]) / 2
+        assert torch.allclose(table[1], expect, atol=1e-6)
+        assert torch.equal(table[2], m.item_emb.weight[2])
+        f = m.folded()
+        assert f.attr_emb is None and not hasattr(f, "attr_codes")
+        seq = torch.tensor([[0, 0, 3, 7, 1], [2, 5, 9, 11, 40]])
+        assert torch.allclose(m(seq), f(seq), atol=1e-5)
+        assert torch.allclose(m.item_embeddings(), f.item_embeddings(), atol=1e-6)

@@ -5,7 +5,10 @@ Unknown keys are rejected with a message naming them, so a typo in a config neve
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (Jetson L4T / Ubuntu 22.04): the same parser as a package
+    import tomli as tomllib
 from pathlib import Path
 
 
@@ -23,8 +26,12 @@ class TrainConfig:
     blocks: int = 1                  # 1 block, dropout 0.4, 4096 negatives: best test NDCG@10 of a sweep on Beauty
     heads: int = 1
     dropout: float = 0.4
+    block_style: str = "prenorm"     # "prenorm" | "sasrec" (the SASRec reference block), see trainer.model._Block
+    init: str = "normal"             # "normal" (N(0, 0.02), sqrt(d) input scale) | "xavier" (RecTools)
+    side_info: str = "none"          # "none" | "attributes": item embedding += mean of its attribute embeddings
     # optimisation
     loss: str = "sampled_ce"         # "sampled_ce" (SASRec+, num_negatives shared uniform negatives) | "ce" (full)
+    negatives: str = "shared"        # sampled_ce: "shared" by the batch | "per_position" (each target its own)
     num_negatives: int = 4096        # for sampled_ce (more negatives beat 256 and 1024; full softmax tied, 1.7x slower)
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -43,6 +50,10 @@ class TrainConfig:
         checks = [
             (self.loss in ("ce", "sampled_ce"), "loss", "'ce' or 'sampled_ce'"),
             (self.model in ("sasrec", "bert4rec"), "model", "'sasrec' or 'bert4rec'"),
+            (self.block_style in ("prenorm", "sasrec"), "block_style", "'prenorm' or 'sasrec'"),
+            (self.init in ("normal", "xavier"), "init", "'normal' or 'xavier'"),
+            (self.side_info in ("none", "attributes"), "side_info", "'none' or 'attributes'"),
+            (self.negatives in ("shared", "per_position"), "negatives", "'shared' or 'per_position'"),
             (0.0 < self.mask_prob < 1.0, "mask_prob", "in (0, 1)"),
             (self.max_len >= 1, "max_len", ">= 1"), (self.hidden >= 1, "hidden", ">= 1"),
             (self.blocks >= 1, "blocks", ">= 1"), (self.heads >= 1 and self.hidden % self.heads == 0, "heads",

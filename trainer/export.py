@@ -96,7 +96,7 @@ def build_bundle(cfg, data, result: TrainResult, out_dir, printer=print) -> dict
     staged = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir.parent))
     try:
         t0 = time.perf_counter()
-        export_onnx(model, staged / "encoder.onnx", cfg.max_len)
+        export_onnx(model.folded(), staged / "encoder.onnx", cfg.max_len)
         quantize_int8(staged / "encoder.onnx", staged / "encoder.int8.onnx")
         export_s = time.perf_counter() - t0
         items = model.item_embeddings().detach().cpu().numpy().astype(np.float32)
@@ -109,9 +109,12 @@ def build_bundle(cfg, data, result: TrainResult, out_dir, printer=print) -> dict
             json.dump(data.item_ids, f)
         if data.item_attributes is not None:
             indptr, values = _attributes_csr(data.item_attributes)
+            names: dict[str, int] = {}
+            codes = np.fromiter((names.setdefault(v, len(names)) for v in values), dtype=np.int32, count=len(values))
             np.save(staged / "item_attr_indptr.npy", indptr, allow_pickle=False)
-            with open(staged / "item_attr_values.json", "w", encoding="utf-8") as f:
-                json.dump(values, f)
+            np.save(staged / "item_attr_codes.npy", codes, allow_pickle=False)
+            with open(staged / "item_attr_names.json", "w", encoding="utf-8") as f:
+                json.dump(list(names), f)
 
         enc32 = Encoder(staged / "encoder.onnx")
         enc8 = Encoder(staged / "encoder.int8.onnx")

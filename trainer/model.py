@@ -13,35 +13,57 @@ The forward pass uses tensors only (no NumPy, no Python control flow on values) 
 """
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 
 class _Block(nn.Module):
-    def __init__(self, hidden: int, heads: int, dropout: float):
+    """One Transformer block.
+
+    ``style="prenorm"``: x + Attn(LN(x)), then x + FFN(LN(x)) with GELU (the GPT-2 layout).
+    ``style="sasrec"``: the block of the SASRec reference code (Kang & McAuley; pmixer/SASRec.pytorch): queries are
+    LN(x) while keys and values are x, the residual adds to LN(x), FFN(LN(.)) with ReLU adds to its own input.
+    """
+
+    def __init__(self, hidden: int, heads: int, dropout: float, style: str = "prenorm"):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden size {hidden} is not a multiple of heads {heads}")
-        self.heads = heads
+        self.heads, self.style = heads, style
         self.ln_attn = nn.LayerNorm(hidden, eps=1e-8)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
         self.ln_ffn = nn.LayerNorm(hidden, eps=1e-8)
-        self.ffn = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+        act = nn.ReLU() if style == "sasrec" else nn.GELU()
+        self.ffn = nn.Sequential(nn.Linear(hidden, hidden), act, nn.Dropout(dropout), nn.Linear(hidden, hidden))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         # x: [B L D]; allowed: [B 1 L L] bool (query may attend key)
         b, length, d = x.shape
         h = self.ln_attn(x)
-        q, k, v = self.qkv(h).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [B H L Dh]
-        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d // self.heads))  # [B H L L]
+        dh = d // self.heads
+        if self.style == "sasrec":
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = nn.functional.linear(h, w[:d], bias[:d])
+            kv = nn.functional.linear(x, w[d:], bias[d:])
+            k, v = kv[..., :d], kv[..., d:]
+            q, k, v = (t.reshape(b, length, self.heads, dh).transpose(1, 2) for t in (q, k, v))  # [B H L Dh]
+        else:
+            q, k, v = self.qkv(h).view(b, length, 3, self.heads, dh).permute(2, 0, 3, 1, 4)  # [B H L Dh]
+        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # [B H L L]
         att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
         att = self.drop(att)
-        y = (att @ v).transpose(1, 2).reshape(b, length, d)  # [B L D]
-        x = x + self.drop(self.out(y))
+        y = self.out((att @ v).transpose(1, 2).reshape(b, length, d))  # [B L D]
+        if self.style == "sasrec":
+            x = h + self.drop(y)
+            f = self.ln_ffn(x)
+            return f + self.drop(self.ffn(f))
+        x = x + self.drop(y)
         x = x + self.drop(self.ffn(self.ln_ffn(x)))
         return x
 
@@ -62,7 +84,8 @@ class SASRec(nn.Module):
     extra_tokens = 0   # rows after the N items in the embedding table (BERT4Rec: the [MASK] token)
 
     def __init__(self, num_items: int, max_len: int = 50, hidden: int = 64, blocks: int = 2, heads: int = 1,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, block_style: str = "prenorm", init: str = "normal",
+                 item_attributes: tuple[np.ndarray, np.ndarray, int] | None = None):
         super().__init__()
         self.num_items = num_items
         self.max_len = max_len
@@ -70,13 +93,37 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(num_items + 1 + self.extra_tokens, hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.emb_drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([_Block(hidden, heads, dropout) for _ in range(blocks)])
+        self.blocks = nn.ModuleList([_Block(hidden, heads, dropout, block_style) for _ in range(blocks)])
         self.ln_out = nn.LayerNorm(hidden, eps=1e-8)
-        self.apply(self._init_weights)
+        # Side information (item attributes, e.g. brand and category): an item's embedding is its id embedding plus
+        # the mean of its attribute embeddings (as in RecTools' CatFeaturesItemNet; S3-Rec exploits the same
+        # Beauty attributes by pre-training). ``item_attributes`` = (indptr int64 [N + 1], codes int64 [nnz],
+        # number of distinct values). Export folds the sum into a plain table (``folded``).
+        self.attr_emb: nn.EmbeddingBag | None = None
+        if item_attributes is not None:
+            indptr, codes, num_values = item_attributes
+            self.attr_emb = nn.EmbeddingBag(max(1, num_values), hidden, mode="mean")
+            self.register_buffer("attr_codes", torch.as_tensor(np.asarray(codes, dtype=np.int64)), persistent=False)
+            self.register_buffer("attr_offsets", torch.as_tensor(np.asarray(indptr[:-1], dtype=np.int64)),
+                                 persistent=False)
+        # "normal": N(0, 0.02) weights, item embeddings scaled by sqrt(d) at the input (BERT / pmixer);
+        # "xavier": Glorot-normal weights, no input scaling (RecTools' SASRec)
+        self.emb_scale = math.sqrt(hidden) if init == "normal" else 1.0
+        self.apply(self._init_xavier if init == "xavier" else self._init_weights)
+
+    @staticmethod
+    def _init_xavier(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag)):
+            nn.init.xavier_normal_(module.weight)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag)):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
@@ -102,7 +149,8 @@ class SASRec(nn.Module):
         """
         length = item_seq.shape[1]
         positions = torch.arange(length, device=item_seq.device) + (self.max_len - length)
-        x = self.item_emb(item_seq) * math.sqrt(self.hidden) + self.pos_emb(positions)  # [B L D]
+        table = self.item_table()
+        x = nn.functional.embedding(item_seq, table) * self.emb_scale + self.pos_emb(positions)  # [B L D]
         x = self.emb_drop(x)
         pad = (item_seq > 0).unsqueeze(-1).to(x.dtype)  # [B L 1]
         x = x * pad
@@ -115,9 +163,29 @@ class SASRec(nn.Module):
         """[B L] int64 tokens (left-padded) -> [B D] float32 user vector (hidden state of the last position)."""
         return self.encode(item_seq)[:, -1, :]
 
+    def item_table(self) -> torch.Tensor:
+        """[N + 1 + extra, D]: the id embeddings plus, with side information, the mean attribute embedding of each
+        item (padding and [MASK] rows get none; an item without attributes gets zeros from the empty bag)."""
+        w = self.item_emb.weight
+        if self.attr_emb is None:
+            return w
+        bag = self.attr_emb(self.attr_codes, self.attr_offsets)          # [N D]
+        return w + torch.cat([w.new_zeros(1, w.shape[1]), bag, w.new_zeros(self.extra_tokens, w.shape[1])])
+
     def item_embeddings(self) -> torch.Tensor:
         """[N D] output item embedding matrix (rows of the tied table without the padding row)."""
-        return self.item_emb.weight[1:self.num_items + 1]
+        return self.item_table()[1:self.num_items + 1]
+
+    def folded(self) -> "SASRec":
+        """A copy whose plain id table already holds the side information (what ONNX export gets: the encoder
+        then needs only item tokens, and its outputs equal this model's)."""
+        m = copy.deepcopy(self)
+        if m.attr_emb is not None:
+            with torch.no_grad():
+                m.item_emb.weight.copy_(self.item_table())
+            m.attr_emb = None
+            del m.attr_codes, m.attr_offsets
+        return m
 
 
 class BERT4Rec(SASRec):
@@ -158,7 +226,8 @@ class BERT4Rec(SASRec):
 
 
 def build_model(kind: str, num_items: int, max_len: int, hidden: int, blocks: int, heads: int,
-                dropout: float) -> SASRec:
+                dropout: float, block_style: str = "prenorm", init: str = "normal",
+                item_attributes: tuple[np.ndarray, np.ndarray, int] | None = None) -> SASRec:
     """'sasrec' or 'bert4rec' -> the model.
 
     Raises:
@@ -167,4 +236,4 @@ def build_model(kind: str, num_items: int, max_len: int, hidden: int, blocks: in
     models = {"sasrec": SASRec, "bert4rec": BERT4Rec}
     if kind not in models:
         raise ValueError(f"unknown model {kind!r}; choose one of {sorted(models)}")
-    return models[kind](num_items, max_len, hidden, blocks, heads, dropout)
+    return models[kind](num_items, max_len, hidden, blocks, heads, dropout, block_style, init, item_attributes)

@@ -51,6 +51,16 @@ def training_windows(train_seqs, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     return pad_left([s[:-1] for s in seqs], max_len), pad_left([s[1:] for s in seqs], max_len)
 
 
+def attribute_codes(item_attributes: list[list[str]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-item attribute lists -> (indptr int64 [N + 1], codes int64 [nnz], number of distinct values)."""
+    indptr = np.zeros(len(item_attributes) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in item_attributes], out=indptr[1:])
+    names: dict[str, int] = {}
+    codes = np.fromiter((names.setdefault(v, len(names)) for a in item_attributes for v in a), dtype=np.int64,
+                        count=int(indptr[-1]))
+    return indptr, codes, len(names)
+
+
 def torch_score_fn(model: SASRec, device: str = "cpu"):
     """score_fn for trainer.evaluate: tokens [B, L] -> float32 [B, N] scores of the PyTorch model."""
 
@@ -87,10 +97,16 @@ def _loss(model: SASRec, inp: torch.Tensor, tgt: torch.Tensor, cfg: TrainConfig,
     if cfg.loss == "ce":
         logits, labels = h @ items.T, y
     else:
-        # Sampled softmax with shared uniform negatives (SASRec+); accidental hits are masked out.
-        neg = torch.randint(0, items.shape[0], (cfg.num_negatives,), device=h.device)
+        # Sampled softmax with uniform negatives (SASRec+), shared by the batch or drawn per target position
+        # (RecTools); accidental hits are masked out.
         pos_logit = (h * items[y]).sum(-1, keepdim=True)                   # [P 1]
-        neg_logit = (h @ items[neg].T).masked_fill(neg[None, :] == y[:, None], float("-inf"))  # [P K]
+        if cfg.negatives == "per_position":
+            neg = torch.randint(0, items.shape[0], (len(y), cfg.num_negatives), device=h.device)   # [P K]
+            neg_logit = torch.bmm(items[neg], h.unsqueeze(-1)).squeeze(-1)                        # [P K]
+            neg_logit = neg_logit.masked_fill(neg == y[:, None], float("-inf"))
+        else:
+            neg = torch.randint(0, items.shape[0], (cfg.num_negatives,), device=h.device)
+            neg_logit = (h @ items[neg].T).masked_fill(neg[None, :] == y[:, None], float("-inf"))  # [P K]
         logits = torch.cat([pos_logit, neg_logit], dim=1)
         labels = torch.zeros(len(y), dtype=torch.long, device=h.device)
     if denom is None:
@@ -144,8 +160,14 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
     rank, world = distributed()
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    attrs = None
+    if cfg.side_info == "attributes":
+        if data.item_attributes is None:
+            raise data_mod.DataError("side_info = 'attributes' needs item attributes (--attributes FILE, or "
+                                     "<stem>_item2attributes.json beside a sequence file)")
+        attrs = attribute_codes(data.item_attributes)
     model = build_model(cfg.model, data.num_items, cfg.max_len, cfg.hidden, cfg.blocks, cfg.heads,
-                        cfg.dropout).to(device)
+                        cfg.dropout, cfg.block_style, cfg.init, attrs).to(device)
     mask_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     step = _LossModule(model, cfg)
     if world > 1:

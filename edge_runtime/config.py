@@ -1,0 +1,204 @@
+"""Daemon configuration: one TOML file, overridden by ``EDGEREC_*`` environment variables, overridden by flags.
+
+Precedence (lowest first): built-in defaults -> the TOML file (``--config PATH``, else ``/etc/edgerec/edgerec.toml``
+when it exists) -> environment variables ``EDGEREC_<SECTION>_<KEY>`` (e.g. ``EDGEREC_SERVER_PORT=7701``) ->
+command-line flags. Every key is documented in ``deploy/edgerec.toml``. The whole configuration is validated at
+start-up; an error names the key (``section.key``), the value and what is allowed, and nothing starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (Jetson L4T / Ubuntu 22.04): the same parser as a package
+    import tomli as tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+from . import const
+
+DEFAULT_PATH = "/etc/edgerec/edgerec.toml"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value or an unknown key; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    section: str
+    name: str
+    kind: type            # int, float, str, bool, list (of str)
+    default: Any
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""     # words for the error message
+    flag: str | None = None   # argparse dest that overrides it (None: same as name)
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def env(self) -> str:
+        return f"EDGEREC_{self.section}_{self.name}".upper()
+
+
+def _rng(lo, hi=None):
+    return (lambda v: v >= lo) if hi is None else (lambda v: lo <= v <= hi)
+
+
+KEYS: tuple[Key, ...] = (
+    Key("model", "bundle", str, "", None, "a bundle directory path ('' = none: take it from --state-dir)"),
+    Key("model", "precision", str, "int8", lambda v: v in ("int8", "fp32"), "'int8' or 'fp32'"),
+    Key("server", "host", str, const.DEFAULT_HOST, lambda v: bool(v), "an address to bind"),
+    Key("server", "port", int, const.DEFAULT_PORT, _rng(-1, 65535), "an integer in -1..65535 (-1: no TCP)"),
+    Key("server", "unix", str, "", None, "a socket path ('' = none)"),
+    Key("server", "threads", int, const.SCORING_THREADS, _rng(1, 256), "an integer in 1..256"),
+    Key("server", "drain_seconds", float, 10.0, _rng(0, 3600), "seconds in 0..3600"),
+    Key("server", "stalled_frame_seconds", float, const.STALLED_FRAME_SECONDS, _rng(0.1, 3600),
+        "seconds in 0.1..3600"),
+    Key("server", "idle_seconds", float, const.IDLE_SECONDS, _rng(1, 86400), "seconds in 1..86400"),
+    Key("limits", "max_sessions", int, const.MAX_SESSIONS, _rng(1, 100_000_000), "an integer in 1..1e8"),
+    Key("limits", "session_events", int, const.SESSION_EVENTS, _rng(1, 10_000), "an integer in 1..10000"),
+    Key("limits", "cache_entries", int, const.CACHE_ENTRIES, _rng(0, 100_000_000), "an integer in 0..1e8"),
+    Key("limits", "cache_items", int, const.CACHE_ITEMS, _rng(0, 1_000_000_000), "an integer in 0..1e9"),
+    Key("sync", "state_dir", str, "", None, "a directory ('' = no model sync)"),
+    Key("sync", "trusted_keys", list, [], None, "a list of public key (PEM) paths", flag="trusted_key"),
+    Key("sync", "registry", str, "", lambda v: v == "" or _hostport(v), "'' or HOST:PORT"),
+    Key("sync", "discovery", bool, True, None, "true or false"),
+    Key("sync", "node_id", str, "", None, "a name ('' = HOSTNAME-PORT)"),
+    Key("sync", "channel", str, "stable", lambda v: bool(v), "a channel name"),
+    Key("sync", "keep", int, 3, _rng(2, 1000), "an integer in 2..1000"),
+    Key("sync", "poll_seconds", float, 30.0, _rng(0.1, 86400), "seconds in 0.1..86400"),
+    Key("sync", "max_backoff", float, 300.0, _rng(0.1, 86400), "seconds in 0.1..86400"),
+    Key("metrics", "host", str, "127.0.0.1", lambda v: bool(v), "an address to bind", flag="metrics_host"),
+    Key("metrics", "port", int, 0, _rng(0, 65535), "an integer in 0..65535 (0: no metrics endpoint)",
+        flag="metrics_port"),
+    Key("log", "level", str, "INFO", lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+        "DEBUG, INFO, WARNING or ERROR", flag="log_level"),
+    Key("log", "format", str, "auto", lambda v: v in ("auto", "json", "plain"),
+        "'auto' (plain under systemd, else JSON), 'json' or 'plain'", flag="log_format"),
+)
+BY_DOTTED = {k.dotted: k for k in KEYS}
+
+
+def _hostport(v: str) -> bool:
+    host, sep, port = v.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _coerce(key: Key, value: Any, where: str) -> Any:
+    def bad(extra: str = "") -> ConfigError:
+        return ConfigError(f"{key.dotted} = {value!r} ({where}): must be {key.allowed or key.kind.__name__}{extra}")
+
+    if key.kind is bool:
+        if isinstance(value, bool):
+            v = value
+        elif isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            v = value.lower() in ("1", "true", "yes", "on")
+        else:
+            raise bad()
+    elif key.kind is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise bad() from None
+        if not isinstance(value, int):
+            raise bad()
+        v = value
+    elif key.kind is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise bad() from None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad()
+        v = float(value)
+    elif key.kind is list:
+        if isinstance(value, str):
+            value = [p for p in value.split(",") if p.strip()]
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise bad()
+        v = [x.strip() for x in value]
+    else:
+        if not isinstance(value, str):
+            raise bad()
+        v = value
+    if key.check is not None and not key.check(v):
+        raise bad()
+    return v
+
+
+def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+         flags: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The effective configuration as {section: {key: value}}.
+
+    Args:
+        path: TOML file; None = ``DEFAULT_PATH`` if it exists, else no file.
+        env: environment (default ``os.environ``); only ``EDGEREC_<SECTION>_<KEY>`` names are read.
+        flags: {flag dest: value} from the command line; None values mean "not given".
+
+    Raises:
+        ConfigError: unreadable file, unknown section or key, or an invalid value (named).
+    """
+    env = os.environ if env is None else env
+    cfg = {k.section: {} for k in KEYS}
+    for k in KEYS:
+        cfg[k.section][k.name] = list(k.default) if isinstance(k.default, list) else k.default
+    source: dict[str, str] = {}
+    if path is None and Path(DEFAULT_PATH).is_file():
+        path = DEFAULT_PATH
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+        for section, table in raw.items():
+            if section not in cfg or not isinstance(table, dict):
+                raise ConfigError(f"config file {path}: unknown section [{section}]; sections: {sorted(cfg)}")
+            for name, value in table.items():
+                key = BY_DOTTED.get(f"{section}.{name}")
+                if key is None:
+                    raise ConfigError(f"config file {path}: unknown key {section}.{name}; keys of [{section}]: "
+                                      f"{sorted(k.name for k in KEYS if k.section == section)}")
+                cfg[section][name] = _coerce(key, value, f"in {path}")
+                source[key.dotted] = str(path)
+    known_env = {k.env: k for k in KEYS}
+    for name, value in env.items():
+        if not name.startswith("EDGEREC_"):
+            continue
+        key = known_env.get(name)
+        if key is None:
+            if name.count("_") >= 2 and name.split("_")[1].lower() in cfg:
+                raise ConfigError(f"environment variable {name} names no setting; known: {sorted(known_env)}")
+            continue
+        cfg[key.section][key.name] = _coerce(key, value, f"from ${name}")
+    for k in KEYS:
+        dest = k.flag or k.name
+        if flags and flags.get(dest) not in (None, []):
+            cfg[k.section][k.name] = _coerce(k, flags[dest], "from --" + dest.replace("_", "-"))
+    return cfg
+
+
+def example() -> str:
+    """Every key with its default as TOML (the shape of deploy/edgerec.toml, without the comments)."""
+    out, section = [], None
+    for k in KEYS:
+        if k.section != section:
+            out.append(f"\n[{k.section}]")
+            section = k.section
+        v = k.default
+        text = ("true" if v else "false") if isinstance(v, bool) else repr(v).replace("'", '"')
+        out.append(f"{k.name} = {text}")
+    return "\n".join(out).lstrip() + "\n"

@@ -1,0 +1,531 @@
+"""Model sync on an edge node: learn of new versions, download, verify, warm up, hot swap, roll back.
+
+State directory (``--state-dir``)::
+
+    bundles/<version>/     verified, signed bundles (the newest N kept; peers may fetch them from this node)
+    staging/<version>/     transfers in progress: ``<file>.part`` grows chunk by chunk and survives restarts,
+                           so a transfer resumes where it stopped
+    state.json             {"history": [versions served, oldest first], "skip": {version: reason}}
+
+The loop (``SyncManager.run``): ask the registry for ``latest`` (on a timer with exponential backoff while it is
+unreachable, and at once when a zeroconf announcement names a new version) -> if the version is new and not
+skipped: fetch ``manifest`` and verify its Ed25519 signature before any file byte is fetched -> fetch every file in
+bounded chunks from a peer that already serves that version, else from the registry -> check each file's sha256 ->
+load the new model beside the current one in a worker thread, warm it up and health-check it -> swap atomically
+(``Service.swap_model``: requests in flight finish on the old model, new ones get the new one) -> check the served
+path once more, rolling back automatically if it fails -> prune old versions.
+
+Every failure is logged, counted and shown in ``health.sync``; the node keeps serving its current model whatever
+happens (registry down, corrupted chunk, bad signature, disk full, warm-up failure). A version that fails
+verification or warm-up is skipped until the registry names another.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import bundle as bundle_mod
+from . import scoring, signing
+from .client import AsyncClient, RpcError
+from .discovery import NODE_TYPE, REGISTRY_TYPE, Discovery
+from .errors import BundleError, SignatureError, SyncError
+from .model import Model, release_memory
+from .registry import DEFAULT_CHANNEL, MAX_CHUNK, BundleStore
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+def check_model(model: Model) -> None:
+    """Health check of a freshly loaded model: the most popular item's session through the encoder and an exact
+    top-10 scan must give finite scores and 10 distinct valid rows.
+
+    Raises:
+        BundleError: the model fails the check.
+    """
+    row = int(np.argmax(model.popularity)) if model.num_items else 0
+    u = model.encode([row])
+    if not np.all(np.isfinite(u)):
+        raise BundleError(f"{model.path}: the encoder returns non-finite user vectors")
+    k = min(10, model.num_items)
+    ids, scores = scoring.topk(u, model.items, k, item_scales=model.scales)
+    if len(set(ids.tolist())) != k or not np.all(np.isfinite(scores)) or ids.min() < 0 \
+            or ids.max() >= model.num_items:
+        raise BundleError(f"{model.path}: the top-{k} scan returns invalid rows or scores")
+
+
+class SyncManager:
+    """Keeps an edge node on the registry's latest verified model. See the module docstring.
+
+    Args:
+        service: the running ``Service`` (its model is swapped).
+        state_dir: directory for bundles, staging and state.json (created).
+        trusted: {key_id: Ed25519 public key}; bundles signed by any other key are refused.
+        registry: (host, port) of the registry; None = discover it with zeroconf (needs ``discovery``).
+        discovery: a started ``Discovery`` (registry announcements, peers); None = no zeroconf.
+        keep: versions kept on disk (>= 2, so a rollback target stays).
+        poll_seconds: registry poll interval (s); while unreachable the interval backs off from 1 s up to
+            ``max_backoff`` s, and a zeroconf announcement wakes the loop at once.
+        chunk_bytes: bytes per fetch call (capped by the server at registry.MAX_CHUNK); 256 KiB keeps the
+            transfer's buffers (reply frame, decoded chunk, socket buffer) small on both ends during a swap.
+        timeout: seconds per RPC call.
+        fetch_jitter: with peers (zeroconf), wait a random 0..fetch_jitter s before fetching a new version, so
+            the nodes that start later find it on a peer instead of all hitting the registry at once.
+    """
+
+    def __init__(self, service, state_dir: str | os.PathLike, trusted: dict, precision: str = "int8",
+                 registry: tuple[str, int] | None = None, discovery: Discovery | None = None,
+                 channel: str = DEFAULT_CHANNEL, keep: int = 3, poll_seconds: float = 30.0,
+                 max_backoff: float = 300.0, chunk_bytes: int = 256 << 10, timeout: float = 10.0,
+                 node_id: str | None = None, fetch_jitter: float = 2.0):
+        if not trusted:
+            raise SignatureError("model sync needs at least one trusted public key (--trusted-key)")
+        self.service = service
+        self.root = Path(state_dir)
+        self.bundles = self.root / "bundles"
+        self.staging = self.root / "staging"
+        for d in (self.bundles, self.staging):
+            d.mkdir(parents=True, exist_ok=True)
+        self.store = BundleStore(self.bundles)
+        self.trusted = trusted
+        self.precision = precision
+        self.registry = registry
+        self.discovery = discovery
+        self.channel = channel
+        self.keep = max(2, keep)
+        self.poll_seconds = poll_seconds
+        self.max_backoff = max_backoff
+        self.chunk_bytes = max(1, min(chunk_bytes, MAX_CHUNK))
+        self.timeout = timeout
+        self.node_id = node_id
+        self.fetch_jitter = fetch_jitter
+        self.state = self._read_state()
+        self.bytes_from = {"registry": 0, "peer": 0}
+        self.status: dict = {"enabled": True, "state": "starting", "registry": None, "registry_reachable": None,
+                             "offline_since": None, "last_check": None, "last_success": None, "last_error": None,
+                             "errors": 0, "installs": 0, "rollbacks": 0, "latest_seen": None}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._lock: asyncio.Lock | None = None
+        self.on_swap = []     # callables(version) run after a swap (the peer announcement)
+
+    # -- persistent state ------------------------------------------------------------------------------------
+    def _read_state(self) -> dict:
+        try:
+            with open(self.root / STATE_FILE, "r", encoding="utf-8") as f:
+                st = json.load(f)
+            if isinstance(st, dict) and isinstance(st.get("history"), list) and isinstance(st.get("skip"), dict):
+                return st
+            log.warning("%s: unexpected content; starting with an empty sync state", self.root / STATE_FILE)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("%s unreadable (%s); starting with an empty sync state", self.root / STATE_FILE, exc)
+        return {"history": [], "skip": {}}
+
+    def _write_state(self) -> None:
+        tmp = self.root / (STATE_FILE + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.state, f, indent=1)
+            os.replace(tmp, self.root / STATE_FILE)
+        except OSError as exc:  # a full disk must not stop serving
+            log.error("cannot write %s: %s", self.root / STATE_FILE, exc)
+
+    def _served(self, version: str) -> None:
+        h = [v for v in self.state["history"] if v != version] + [version]
+        self.state["history"] = h[-50:]
+        self._write_state()
+
+    def _error(self, msg: str) -> None:
+        self.status["last_error"] = msg
+        self.status["errors"] += 1
+        log.error("sync: %s", msg)
+
+    # -- boot ------------------------------------------------------------------------------------------------
+    def verified_model(self, version: str, files_checked: bool = False) -> Model:
+        """Load ``bundles/<version>`` after checking its signature, names and checksums; warm up; health-check.
+        ``files_checked``: the transfer has just checked every file's sha256 against the signed manifest (the
+        names and links are still checked; the bytes are not hashed a second time).
+
+        Raises:
+            BundleError (incl. SignatureError): any check fails.
+        """
+        d = self.bundles / version
+        signing.verify_bundle(d, self.trusted)
+        if files_checked:
+            for name in bundle_mod.load_manifest(d, verify=False)["files"]:
+                bundle_mod.check_member_name(name)
+                if (d / name).is_symlink() or not (d / name).is_file():
+                    raise BundleError(f"{d}: {name!r} is not a regular file of the bundle")
+        model = Model(d, precision=self.precision, verify=not files_checked)
+        if model.version != version:
+            raise BundleError(f"{d}: manifest says model_version {model.version!r}, directory is {version!r}")
+        check_model(model)
+        return model
+
+    def load_newest(self) -> Model | None:
+        """At boot, before talking to anyone: the newest verified bundle on disk that is not skipped (rolled back
+        from or failed), else None."""
+        for row in reversed(self.store.versions()):
+            v = row["version"]
+            if v in self.state["skip"]:
+                continue
+            try:
+                model = self.verified_model(v)
+            except BundleError as exc:
+                self._error(f"bundle {v} on disk fails verification, not served: {exc}")
+                continue
+            self._served(v)
+            log.info("boot: serving %s from %s", v, self.bundles)
+            return model
+        return None
+
+    def adopt(self, bundle_dir: str | os.PathLike) -> Model:
+        """Serve a bundle given on the command line: it must carry a trusted signature; it is copied into the
+        state directory so later rollbacks and peers see it.
+
+        Raises:
+            BundleError (incl. SignatureError): verification fails.
+        """
+        src = Path(bundle_dir)
+        signing.verify_bundle(src, self.trusted)
+        manifest = bundle_mod.load_manifest(src, verify=True)
+        version = str(manifest.get("model_version"))
+        dst = self.bundles / version
+        if not dst.exists():
+            tmp = self.staging / f".adopt-{version}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name in list(manifest["files"]) + [bundle_mod.MANIFEST, signing.SIGNATURE_FILE]:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / name, tmp / name)
+            os.replace(tmp, dst)
+        model = self.verified_model(version)
+        self._served(version)
+        return model
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    async def start(self, server=None) -> None:
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        if self.discovery is not None:
+            self.discovery.browse(REGISTRY_TYPE, self._on_registry)
+            self.discovery.browse(NODE_TYPE)
+        self._task = asyncio.ensure_future(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def _on_registry(self, name: str, entry: dict | None) -> None:
+        if entry is not None and entry["props"].get("latest") not in (None, "", self._current()):
+            self.status["latest_seen"] = entry["props"].get("latest")
+            self.wake()
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _current(self) -> str | None:
+        m = self.service.model
+        return m.version if m is not None else None
+
+    def registry_address(self) -> tuple[str, int] | None:
+        if self.registry is not None:
+            return self.registry
+        if self.discovery is not None:
+            regs = sorted(self.discovery.services.get(REGISTRY_TYPE, {}).values(), key=lambda e: e["name"])
+            for e in regs:
+                if e["props"].get("channel", self.channel) == self.channel:
+                    return e["host"], e["port"]
+        return None
+
+    async def run(self) -> None:
+        delay = 1.0
+        if self.registry is None and self.discovery is not None:
+            try:   # give zeroconf a moment to find the registry before the first check
+                await asyncio.wait_for(self._wake.wait(), 3.0)
+            except asyncio.TimeoutError:
+                pass
+        while True:
+            try:
+                ok = await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the loop die
+                log.exception("sync loop error")
+                self._error(f"internal error: {exc!r}")
+                ok = False
+            if ok:
+                wait, delay = self.poll_seconds, 1.0
+            else:
+                wait, delay = delay, min(delay * 2, self.max_backoff)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait * random.uniform(0.9, 1.1))
+            except asyncio.TimeoutError:
+                pass
+
+    async def check_once(self) -> bool:
+        """One round: ask the registry for the latest version and install it if it is new. Returns False when the
+        registry could not be asked (the caller backs off)."""
+        async with self._lock:
+            self.status["last_check"] = time.time()
+            addr = self.registry_address()
+            self.status["registry"] = f"{addr[0]}:{addr[1]}" if addr else None
+            if addr is None:
+                self._offline("no registry configured or discovered")
+                return False
+            try:
+                c = await AsyncClient.connect(addr[0], addr[1], self.timeout)
+                try:
+                    latest = await c.call("latest", channel=self.channel)
+                finally:
+                    await c.close()
+            except (OSError, asyncio.TimeoutError, RpcError) as exc:
+                self._offline(f"registry {addr[0]}:{addr[1]} unreachable: {exc!r}")
+                return False
+            if self.status["registry_reachable"] is False:
+                log.info("sync: registry %s:%d reachable again after %.0f s offline", addr[0], addr[1],
+                         time.time() - (self.status["offline_since"] or time.time()))
+            self.status.update(registry_reachable=True, offline_since=None)
+            if self.status["state"] in ("offline", "starting"):
+                self.status["state"] = "idle"
+            if not isinstance(latest, dict) or not isinstance(latest.get("version"), str):
+                return True   # empty channel
+            version = latest["version"]
+            self.status["latest_seen"] = version
+            if version == self._current() or version in self.state["skip"]:
+                self.status["last_success"] = time.time()
+                return True
+            if self.discovery is not None and self.fetch_jitter > 0:
+                await asyncio.sleep(random.uniform(0, self.fetch_jitter))
+            await self._install(version, addr)
+            return True
+
+    def _offline(self, why: str) -> None:
+        if self.status["registry_reachable"] is not False:
+            log.warning("sync: %s; serving %s offline until it returns", why, self._current())
+            self.status["offline_since"] = time.time()
+        self.status.update(registry_reachable=False, state="offline", last_error=why)
+
+    def _peer_sources(self, version: str) -> list[tuple[str, str, int]]:
+        if self.discovery is None:
+            return []
+        peers = [e for e in self.discovery.services.get(NODE_TYPE, {}).values()
+                 if e["props"].get("version") == version and e["props"].get("node") != self.node_id
+                 and e["props"].get("rpc", "").isdigit()]
+        random.shuffle(peers)
+        return [("peer", e["host"], int(e["props"]["rpc"])) for e in peers]
+
+    async def _install(self, version: str, registry: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        sources = self._peer_sources(version) + [("registry", registry[0], registry[1])]
+        self.status["state"] = "downloading"
+        failures = []
+        for kind, host, port in sources:
+            try:
+                await self._download(kind, host, port, version)
+                break
+            except SignatureError as exc:
+                failures.append(f"{kind} {host}:{port}: {exc}")
+                if kind == "registry":
+                    self.state["skip"][version] = f"signature: {exc}"
+                    self._write_state()
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    shutil.rmtree(self.staging / version, ignore_errors=True)
+                    self.status["state"] = "idle"
+                    self._error(f"disk full while staging {version}; staging removed, still serving "
+                                f"{self._current()}: {exc}")
+                    return
+                failures.append(f"{kind} {host}:{port}: {exc!r}")
+            except (asyncio.TimeoutError, RpcError, BundleError, SyncError, ValueError, KeyError, TypeError) as exc:
+                failures.append(f"{kind} {host}:{port}: {exc!r}")
+        else:
+            self.status["state"] = "idle"
+            self._error(f"cannot fetch {version}, still serving {self._current()}: " + "; ".join(failures))
+            return
+        for f in failures:
+            log.warning("sync: source failed before one succeeded: %s", f)
+        self.status["state"] = "warming"
+        await loop.run_in_executor(None, release_memory)   # the transfer's buffers, before the new model
+        try:
+            model = await loop.run_in_executor(None, self.verified_model, version, True)
+        except (BundleError, OSError, ValueError) as exc:
+            self.state["skip"][version] = f"warm-up: {exc}"
+            self._write_state()
+            self.status["state"] = "idle"
+            self._error(f"new version {version} failed its warm-up / health check, rolled back to "
+                        f"{self._current()}: {exc}")
+            return
+        await self.activate(model)
+
+    async def activate(self, model: Model, reason: str = "sync") -> None:
+        """Swap ``model`` in, check the served path, roll back if that fails, prune, announce."""
+        old = self.service.model
+        self.service.swap_model(model)
+        try:
+            await self._served_check(model)
+        except Exception as exc:
+            if old is not None:
+                self.service.swap_model(old)
+            self.state["skip"][model.version] = f"served-path check: {exc!r}"
+            self._write_state()
+            self.status["state"] = "idle"
+            self.status["rollbacks"] += 1
+            self._error(f"version {model.version} failed its first served request, rolled back to "
+                        f"{old.version if old else None}: {exc!r}")
+            return
+        del old
+        await asyncio.get_running_loop().run_in_executor(None, release_memory)
+        self._served(model.version)
+        self.status.update(state="idle", last_success=time.time(), last_error=None)
+        if reason == "sync":
+            self.status["installs"] += 1
+        log.info("sync: now serving %s (%s)", model.version, reason)
+        self._prune()
+        for cb in self.on_swap:
+            cb(model.version)
+
+    async def _served_check(self, model: Model) -> None:
+        row = int(np.argmax(model.popularity))
+        res = await self.service.recommend({"history": [model.item_ids[row]], "k": 10})
+        if res["model_version"] != model.version or not all(np.isfinite(res["scores"])):
+            raise SyncError(f"served-path check got model {res['model_version']} and scores {res['scores'][:3]}")
+
+    async def _download(self, kind: str, host: str, port: int, version: str) -> None:
+        loop = asyncio.get_running_loop()
+        c = await AsyncClient.connect(host, port, self.timeout)
+        try:
+            rep = await c.call("manifest", version=version)
+            raw, sig = rep.get("manifest"), rep.get("signature")
+            if not isinstance(raw, bytes):
+                raise SyncError(f"{kind} sent a manifest that is not bytes")
+            signing.verify_bytes(raw, sig, self.trusted)   # before a single file byte
+            manifest = json.loads(raw)
+            if manifest.get("model_version") != version:
+                raise BundleError(f"manifest names version {manifest.get('model_version')!r}, asked {version!r}")
+            files = manifest.get("files")
+            if not isinstance(files, dict):
+                raise BundleError("manifest has no file table")
+            for name, meta in files.items():
+                bundle_mod.check_member_name(name)
+                if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) \
+                        or not isinstance(meta.get("sha256"), str):
+                    raise BundleError(f"manifest entry for {name!r} lacks bytes / sha256")
+            stage = self.staging / version
+            stage.mkdir(parents=True, exist_ok=True)
+            old = stage / bundle_mod.MANIFEST
+            if old.is_file() and old.read_bytes() != raw:   # a different bundle under the same version: restart
+                shutil.rmtree(stage)
+                stage.mkdir(parents=True)
+            old.write_bytes(raw)
+            for name, meta in sorted(files.items()):
+                await self._fetch_file(c, kind, version, stage, name, meta, loop)
+            (stage / signing.SIGNATURE_FILE).write_text(json.dumps(sig) + "\n", encoding="utf-8")
+            os.chmod(stage, 0o755)
+            dst = self.bundles / version
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(stage, dst)
+            log.info("sync: fetched %s from %s %s:%d", version, kind, host, port)
+        finally:
+            await c.close()
+
+    async def _fetch_file(self, c: AsyncClient, kind: str, version: str, stage: Path, name: str, meta: dict,
+                          loop) -> None:
+        final = stage / name
+        if final.is_file() and final.stat().st_size == meta["bytes"]:
+            return   # finished (and checked) in an earlier attempt
+        part = stage / (name + ".part")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > meta["bytes"]:
+            part.unlink()
+            offset = 0
+        if offset:
+            log.info("sync: resuming %s/%s at byte %d of %d", version, name, offset, meta["bytes"])
+        with open(part, "ab") as f:
+            while offset < meta["bytes"]:
+                rep = await c.call("fetch", version=version, file=name, offset=offset,
+                                   length=min(self.chunk_bytes, meta["bytes"] - offset))
+                data = rep.get("data") if isinstance(rep, dict) else None
+                if not isinstance(data, bytes) or not data or offset + len(data) > meta["bytes"]:
+                    raise SyncError(f"{kind} sent a bad chunk of {name} at offset {offset}")
+                self._write_chunk(f, data)
+                offset += len(data)
+                self.bytes_from[kind] += len(data)
+        digest = await loop.run_in_executor(None, bundle_mod.sha256_file, part)
+        if digest != meta["sha256"]:
+            part.unlink()
+            raise SyncError(f"{name} of {version} from {kind}: sha256 mismatch (corrupted transfer); discarded")
+        os.replace(part, final)
+
+    @staticmethod
+    def _write_chunk(f, data: bytes) -> None:
+        f.write(data)
+        f.flush()
+
+    # -- rollback / pruning ----------------------------------------------------------------------------------
+    async def rollback(self) -> dict:
+        """Serve the version served before the current one (it must still be on disk and verify); the current
+        version is skipped until the registry names another.
+
+        Raises:
+            SyncError: no earlier verified version on disk.
+        """
+        async with self._lock:
+            current = self._current()
+            loop = asyncio.get_running_loop()
+            for v in reversed(self.state["history"]):
+                if v == current or not (self.bundles / v).is_dir():
+                    continue
+                try:
+                    model = await loop.run_in_executor(None, self.verified_model, v)
+                except BundleError as exc:
+                    log.warning("rollback: %s fails verification: %s", v, exc)
+                    continue
+                if current is not None:
+                    self.state["skip"][current] = "rolled back"
+                self.state["skip"].pop(v, None)
+                self.status["rollbacks"] += 1
+                await self.activate(model, reason=f"rollback from {current}")
+                return {"ok": True, "from": current, "to": v}
+            raise SyncError(f"no earlier verified version on disk to roll back to from {current}")
+
+    def _prune(self) -> None:
+        for d in self.staging.iterdir():   # transfers of versions that are served now or were superseded
+            shutil.rmtree(d, ignore_errors=True)
+        rows = self.store.versions()
+        protect = set(self.state["history"][-2:]) | {self._current()}
+        extra = len(rows) - self.keep
+        for row in rows:
+            if extra <= 0:
+                break
+            if row["version"] in protect:
+                continue
+            shutil.rmtree(self.bundles / row["version"], ignore_errors=True)
+            log.info("sync: pruned %s (keeping %d versions)", row["version"], self.keep)
+            extra -= 1
+
+    def health(self) -> dict:
+        return dict(self.status, current=self._current(), versions_on_disk=[r["version"] for r in
+                                                                            self.store.versions()],
+                    skipped=dict(self.state["skip"]), bytes_from=dict(self.bytes_from),
+                    bytes_served_to_peers=self.store.bytes_served)
