@@ -35,6 +35,7 @@ class TrainConfig:
     num_negatives: int = 4096        # for sampled_ce (more negatives beat 256 and 1024; full softmax tied, 1.7x slower)
     lr: float = 1e-3
     weight_decay: float = 0.0
+    ema_decay: float = 0.0           # > 0: evaluate and export an exponential moving average of the weights
     batch_size: int = 128
     epochs: int = 200                # upper bound; early stopping usually ends sooner
     patience: int = 15               # epochs without a better validation NDCG@10 before stopping
@@ -60,7 +61,7 @@ class TrainConfig:
                                                    "a divisor of hidden"),
             (0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)"), (self.lr > 0, "lr", "> 0"),
             (self.batch_size >= 1, "batch_size", ">= 1"), (self.epochs >= 1, "epochs", ">= 1"),
-            (self.patience >= 1, "patience", ">= 1"), (self.num_negatives >= 1, "num_negatives", ">= 1"),
+            (self.patience >= 1, "patience", ">= 1"), (0.0 <= self.ema_decay < 1.0, "ema_decay", "in [0, 1)"), (self.num_negatives >= 1, "num_negatives", ">= 1"),
         ]
         for ok, key, allowed in checks:
             if not ok:

@@ -176,11 +176,19 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
 
         step = DistributedDataParallel(step)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    # Exponential moving average of the weights (Polyak averaging; torch.optim.swa_utils): validation, early
+    # stopping and the exported model use the average, which is smoother than the last step's weights.
+    ema = None
+    if cfg.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    evaluated = ema.module if ema is not None else model
     gen = np.random.default_rng(cfg.seed)
     history: list[dict] = []
     best = (-1.0, 0, None, {})
     start = time.perf_counter()
-    score = torch_score_fn(model, device)
+    score = torch_score_fn(evaluated, device)
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress or rank != 0)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -205,6 +213,8 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total += loss.detach().item()
             batches += 1
         valid = evaluate(score, split.valid_ctx, split.valid_target, cfg.max_len)
@@ -213,7 +223,8 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
         history.append(row)
         improved = valid["NDCG@10"] > best[0]
         if improved:
-            best = (valid["NDCG@10"], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}, valid)
+            best = (valid["NDCG@10"], epoch, {k: v.detach().clone() for k, v in evaluated.state_dict().items()},
+                    valid)
         bar.set_postfix(loss=f"{row['loss']:.3f}", ndcg10=f"{valid['NDCG@10']:.4f}", best=best[1])
         if not progress and rank == 0:
             log.info("epoch %d loss %.4f valid HR@10 %.4f NDCG@10 %.4f", epoch, row["loss"], valid["HR@10"],
