@@ -71,6 +71,24 @@ def check_member_name(name: str) -> str:
     return name
 
 
+_VERSION_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
+MAX_VERSION_CHARS = 128
+
+
+def check_version_name(version) -> str:
+    """Validate a model version used as a directory name (registry, state directory): 1-128 characters of
+    ``[A-Za-z0-9._+-]``, starting with a letter or digit (no ``/``, no ``..`` component, no control characters).
+
+    Raises:
+        BundleError: anything else (the name is shown escaped).
+    """
+    if not isinstance(version, str) or not 0 < len(version) <= MAX_VERSION_CHARS \
+            or not set(version) <= _VERSION_OK or not version[0].isalnum():
+        raise BundleError(f"model version {str(version)[:80]!r} is not allowed: use 1-{MAX_VERSION_CHARS} characters "
+                          "of A-Z a-z 0-9 . _ + -, starting with a letter or digit")
+    return version
+
+
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """Refuse an output directory that exists, is not empty and is not a bundle (checked before training, so a
     mistyped --out costs nothing).
@@ -153,8 +171,11 @@ def load_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> dict:
                 raise BundleError(f"{root}: file {name!r} listed in the manifest is missing") from None
             if real_root not in real.parents:
                 raise BundleError(f"{root}: file {name!r} links outside the bundle")
-            if not isinstance(meta, dict) or "sha256" not in meta:
+            if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
                 raise BundleError(f"{root}: manifest entry for {name!r} has no sha256")
+            if meta.get("bytes") is not None and (not isinstance(meta["bytes"], int) or isinstance(meta["bytes"], bool)):
+                raise BundleError(f"{root}: manifest entry for {name!r}: 'bytes' must be an integer, got "
+                                  f"{type(meta['bytes']).__name__}")
             if meta.get("bytes") is not None and real.stat().st_size != meta["bytes"]:
                 raise BundleError(f"{root}: file {name!r} has {real.stat().st_size} bytes, manifest says "
                                   f"{meta['bytes']}: checksum mismatch, refusing the bundle")

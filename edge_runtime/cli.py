@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=None)
     t.add_argument("--model", choices=["sasrec", "bert4rec"], default=None)
     t.add_argument("--loss", choices=["ce", "sampled_ce"], default=None)
+    t.add_argument("--side-info", choices=["auto", "none", "attributes"], default=None,
+                   help="item embedding += mean of its attribute embeddings: auto (default) when the data has "
+                        "item attributes")
     t.add_argument("--hidden", type=int, default=None)
     t.add_argument("--blocks", type=int, default=None)
     t.add_argument("--dropout", type=float, default=None)
@@ -143,7 +146,8 @@ def _train(args) -> int:
     from .errors import BundleError
 
     overrides = dict(data=args.data, columns=args.columns, attributes=args.attributes, epochs=args.epochs,
-                     patience=args.patience, model=args.model, loss=args.loss, hidden=args.hidden, blocks=args.blocks,
+                     patience=args.patience, model=args.model, loss=args.loss, side_info=args.side_info,
+                     hidden=args.hidden, blocks=args.blocks,
                      dropout=args.dropout, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                      threads=args.threads, device=args.device, time_budget_s=args.time_budget)
     try:

@@ -84,9 +84,28 @@ KEYS: tuple[Key, ...] = (
 BY_DOTTED = {k.dotted: k for k in KEYS}
 
 
-def _hostport(v: str) -> bool:
+def split_hostport(v: str) -> tuple[str, int]:
+    """``host:port`` / ``[v6addr]:port`` -> (host, port).
+
+    Raises:
+        ValueError: not of that shape, or a port outside 1..65535.
+    """
     host, sep, port = v.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "[" in host or "]" in host \
+            or (":" in host and not bracketed):
+        raise ValueError(f"{v!r} is not HOST:PORT (an IPv6 address goes in brackets: [::1]:7710)")
+    return host, int(port)
+
+
+def _hostport(v: str) -> bool:
+    try:
+        split_hostport(v)
+        return True
+    except ValueError:
+        return False
 
 
 def _coerce(key: Key, value: Any, where: str) -> Any:
@@ -164,9 +183,14 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
             raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         for section, table in raw.items():
-            if section not in cfg or not isinstance(table, dict):
+            if section not in cfg:
                 raise ConfigError(f"config file {path}: unknown section [{section}]; sections: {sorted(cfg)}")
+            if not isinstance(table, dict):
+                raise ConfigError(f"config file {path}: {section} must be a table ([{section}]), got "
+                                  f"{type(table).__name__}")
             for name, value in table.items():
                 key = BY_DOTTED.get(f"{section}.{name}")
                 if key is None:

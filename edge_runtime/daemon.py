@@ -12,6 +12,7 @@ import concurrent.futures
 import logging
 import socket
 
+from .config import split_hostport
 from .errors import BundleError
 
 log = logging.getLogger("edgerec")
@@ -19,11 +20,6 @@ log = logging.getLogger("edgerec")
 # settings a SIGHUP cannot change (they hold sockets, threads or files); a change is logged and waits for a restart
 RESTART_ONLY = ("server.host", "server.port", "server.unix", "server.threads", "sync.state_dir", "sync.trusted_keys",
                 "sync.discovery", "sync.node_id", "metrics.host", "metrics.port", "model.precision")
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
 
 
 def run_daemon(cfg: dict, reload_config=None) -> int:
@@ -58,7 +54,7 @@ def run_daemon(cfg: dict, reload_config=None) -> int:
 
             trusted = signing.load_public_keys(syn["trusted_keys"])
             sync = SyncManager(None, syn["state_dir"], trusted, precision=cfg["model"]["precision"],
-                               registry=_hostport(syn["registry"]) if syn["registry"] else None,
+                               registry=split_hostport(syn["registry"]) if syn["registry"] else None,
                                channel=syn["channel"], keep=syn["keep"], poll_seconds=syn["poll_seconds"],
                                max_backoff=syn["max_backoff"])
             model = sync.adopt(bundle) if bundle else sync.load_newest()
@@ -78,10 +74,17 @@ def run_daemon(cfg: dict, reload_config=None) -> int:
     executor = concurrent.futures.ThreadPoolExecutor(srv["threads"], thread_name_prefix="score")
     service = Service(model, executor, max_sessions=lim["max_sessions"], session_events=lim["session_events"],
                       cache_entries=lim["cache_entries"], cache_items=lim["cache_items"])
-    state = {"cfg": cfg}
+    state = {"cfg": cfg, "reload_lock": None}
 
     async def reload() -> None:
-        """SIGHUP: new settings where they can change live, then the newest bundle."""
+        """SIGHUP: new settings where they can change live, then the newest bundle. Reloads run one at a time, in
+        the order the signals came, so the last one leaves the last configuration in force."""
+        if state["reload_lock"] is None:
+            state["reload_lock"] = asyncio.Lock()
+        async with state["reload_lock"]:
+            await _reload()
+
+    async def _reload() -> None:
         from . import logs
 
         old = state["cfg"]
@@ -111,16 +114,18 @@ def run_daemon(cfg: dict, reload_config=None) -> int:
         loop = asyncio.get_running_loop()
         current = service.model.version if service.model is not None else None
         if sync is not None:
-            rows = [r["version"] for r in sync.store.versions() if r["version"] not in sync.state["skip"]]
-            if not rows or rows[-1] == current:
-                log.info("SIGHUP: newest verified bundle on disk is the one served (%s)", current)
-                return
-            try:
-                new_model = await loop.run_in_executor(None, sync.verified_model, rows[-1])
-            except BundleError as exc:
-                log.error("SIGHUP: newest bundle %s refused, still serving %s: %s", rows[-1], current, exc)
-                return
-            await sync.activate(new_model, reason="SIGHUP")
+            async with sync.lock():   # not while a sync installs a version
+                current = service.model.version if service.model is not None else None
+                rows = [r["version"] for r in sync.store.versions() if r["version"] not in sync.state["skip"]]
+                if not rows or rows[-1] == current:
+                    log.info("SIGHUP: newest verified bundle on disk is the one served (%s)", current)
+                    return
+                try:
+                    new_model = await loop.run_in_executor(None, sync.verified_model, rows[-1])
+                except BundleError as exc:
+                    log.error("SIGHUP: newest bundle %s refused, still serving %s: %s", rows[-1], current, exc)
+                    return
+                await sync.activate(new_model, reason="SIGHUP")
             return
         path = c["model"]["bundle"]
         try:
@@ -174,15 +179,16 @@ def run_daemon(cfg: dict, reload_config=None) -> int:
 
 
 class _MetricsEndpoint:
-    """Prometheus /metrics over HTTP (a prometheus_client thread), started with the listeners."""
+    """Prometheus /metrics over HTTP on the event loop (``metrics.Metrics.serve_http``), started with the
+    listeners."""
 
     def __init__(self, service, mcfg: dict):
         self.service, self.host, self.port = service, mcfg["host"], mcfg["port"]
 
     async def start(self, server) -> None:
         if self.port:
-            self.service.metrics.serve_http(self.host, self.port)
+            await self.service.metrics.serve_http(self.host, self.port)
             log.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
     async def stop(self) -> None:
-        self.service.metrics.close()
+        await self.service.metrics.close()

@@ -23,10 +23,12 @@ is read from the service when scraped (``_ServiceCollector``), so an idle daemon
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import scoring
@@ -34,6 +36,8 @@ from . import scoring
 # request latency buckets (s): 100 µs .. 2.5 s
 BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
 SYNC_STATES = ("starting", "idle", "downloading", "warming", "offline")
+MAX_HTTP_CONNECTIONS = 16   # concurrent scrapes; more are closed at once
+HTTP_TIMEOUT_S = 5.0        # to send the request head, and to take the response
 
 
 def _created_ts(manifest: dict) -> float | None:
@@ -120,14 +124,41 @@ class Metrics:
         if code is not None:
             self.errors.labels(str(code)).inc()
 
-    def serve_http(self, host: str, port: int) -> None:
-        """Prometheus text exposition on http://host:port/metrics (a daemon thread)."""
-        self.http, _ = start_http_server(port, addr=host, registry=self.registry)
+    async def serve_http(self, host: str, port: int) -> None:
+        """Prometheus text exposition on http://host:port/metrics, served by the daemon's event loop: at most
+        ``MAX_HTTP_CONNECTIONS`` at once, 5 s to send a request head of at most 8 KiB, one response per connection
+        (prometheus_client renders it: ``generate_latest``)."""
+        self._http_active = 0
+        self.http = await asyncio.start_server(self._handle_http, host, port, limit=8192, reuse_address=True)
 
-    def close(self) -> None:
+    async def _handle_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._http_active >= MAX_HTTP_CONNECTIONS:
+            writer.close()
+            return
+        self._http_active += 1
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT_S)
+            parts = head.split(b"\r\n", 1)[0].split()
+            if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
+                status, body, ctype = b"405 Method Not Allowed", b"GET /metrics\n", b"text/plain"
+            elif parts[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
+                status, body, ctype = b"404 Not Found", b"GET /metrics\n", b"text/plain"
+            else:
+                status, body, ctype = b"200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                         + (body if parts[:1] != [b"HEAD"] else b""))
+            await asyncio.wait_for(writer.drain(), HTTP_TIMEOUT_S)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
+                ValueError):
+            pass
+        finally:
+            self._http_active -= 1
+            writer.close()
+
+    async def close(self) -> None:
         if self.http is not None:
-            self.http.shutdown()
-            self.http.server_close()
+            self.http.close()
             self.http = None
 
     def stats(self) -> dict:

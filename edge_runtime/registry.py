@@ -36,17 +36,26 @@ REGISTRY_PORT = 7710
 
 
 def _manifest_meta(root: Path) -> dict | None:
+    """Listing facts of one version directory, or None (logged) when its manifest is unreadable or malformed: a
+    junk directory must not break the listing of the others."""
     try:
         with open(root / bundle_mod.MANIFEST, "rb") as f:
             m = json.loads(f.read())
-    except (OSError, ValueError):
+        files = m["files"]
+        version, channel = m.get("model_version", root.name), m.get("channel", DEFAULT_CHANNEL)
+        published = m.get("published_at", 0.0) or 0.0
+        if not isinstance(files, dict) or not isinstance(version, str) or not isinstance(channel, str) \
+                or isinstance(published, bool) or not isinstance(published, (int, float)):
+            raise TypeError("files / model_version / channel / published_at of the wrong type")
+        size = 0
+        for meta in files.values():
+            if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or isinstance(meta["bytes"], bool):
+                raise TypeError("a file entry without integer 'bytes'")
+            size += meta["bytes"]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("%s: not listed (%s: %s)", root, type(exc).__name__, str(exc)[:200])
         return None
-    if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
-        return None
-    size = sum(int(v.get("bytes", 0)) for v in m["files"].values() if isinstance(v, dict))
-    return {"version": str(m.get("model_version", root.name)), "channel": str(m.get("channel", DEFAULT_CHANNEL)),
-            "published_at": float(m.get("published_at", 0.0) or 0.0), "bytes": size,
-            "files": {k: v for k, v in m["files"].items() if isinstance(v, dict)}}
+    return {"version": version, "channel": channel, "published_at": float(published), "bytes": size, "files": files}
 
 
 class BundleStore:
@@ -70,8 +79,11 @@ class BundleStore:
             return {}
         for d in names:
             try:
+                if d.is_symlink():
+                    continue   # a version directory must live in the store, not point elsewhere
+                bundle_mod.check_version_name(d.name)
                 mtime = (d / bundle_mod.MANIFEST).stat().st_mtime
-            except OSError:
+            except (OSError, BundleError):
                 continue
             hit = self._cache.get(d.name)
             if hit is None or hit[0] != mtime:
@@ -121,9 +133,14 @@ class BundleStore:
         for v, what in ((offset, "offset"), (length, "length")):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise InvalidParams(f"'{what}' must be an integer >= 0")
-        path = self.root / version / bundle_mod.check_member_name(name)
-        if path.is_symlink():
-            raise InvalidParams(f"file {name!r} is a link; not served")
+        vdir = self.root / version
+        path = vdir / bundle_mod.check_member_name(name)
+        try:
+            inside = vdir.resolve(strict=True) in path.resolve(strict=True).parents
+        except (OSError, RuntimeError):
+            inside = False
+        if path.is_symlink() or not inside:
+            raise InvalidParams(f"file {name!r} is a link or leaves the bundle; not served")
         length = min(length, MAX_CHUNK)
         try:
             with open(path, "rb") as f:
@@ -148,7 +165,7 @@ class StoreMethods:
 
     @staticmethod
     def _params(p: dict, allowed: tuple[str, ...], required: tuple[str, ...], where: str) -> None:
-        unknown = sorted(set(p) - set(allowed))
+        unknown = sorted(repr(k)[:40] for k in set(p) - set(allowed))
         if unknown:
             raise InvalidParams(f"{where}: unknown parameter(s) {unknown}; allowed: {list(allowed)}")
         missing = [k for k in required if k not in p]
@@ -218,9 +235,9 @@ def publish(bundle_dir: str | os.PathLike, registry_dir: str | os.PathLike, key_
     key = signing.load_private_key(key_path)
     src = Path(bundle_dir)
     manifest = bundle_mod.load_manifest(src, verify=True)
-    version = version or str(manifest.get("model_version"))
-    if not version or "/" in version or version.startswith(".") or version in ("..",):
-        raise BundleError(f"model_version {version!r} cannot name a registry directory")
+    version = bundle_mod.check_version_name(version or manifest.get("model_version"))
+    if not isinstance(channel, str) or not channel or len(channel) > 64 or not channel.isprintable():
+        raise BundleError(f"channel {str(channel)[:80]!r} is not allowed (1-64 printable characters)")
     reg = Path(registry_dir)
     reg.mkdir(parents=True, exist_ok=True)
     if (reg / version).exists():

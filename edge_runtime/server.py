@@ -115,7 +115,7 @@ class RpcConnection(asyncio.Protocol):
 
     # Reading is paused while too many requests run, while the client does not read its replies, or both.
     def _update_reading(self) -> None:
-        if self.closed or self.transport is None:
+        if self.closed or self.transport is None or self.discarding:
             return
         want_pause = self.inflight >= self.server.max_inflight or self.write_paused or self.server.draining
         if want_pause and not self.reading_paused:
@@ -142,8 +142,19 @@ class RpcConnection(asyncio.Protocol):
         return True
 
     def _close_if_drained(self) -> None:
-        """Draining, every received frame dispatched: close once nothing runs (close() flushes the replies)."""
-        if self.server.draining and not self.inflight and not self.closed and self.transport is not None:
+        """Draining, every received frame dispatched: once nothing runs, a lingering close (replies flushed, EOF
+        sent, what the client still sends discarded) so the client reads its replies rather than a reset."""
+        if not self.server.draining or self.inflight or self.closed or self.transport is None \
+                or self.discarding:
+            return
+        if self.transport.can_write_eof():
+            self.discarding = True
+            self.unpacker = None
+            self.transport.write_eof()
+            self.transport.resume_reading()
+            self.reading_paused = False
+            self._linger = asyncio.get_running_loop().call_later(const.LINGER_SECONDS, self.transport.close)
+        else:
             self.transport.close()
 
     def _close_if_done(self) -> None:
@@ -420,6 +431,11 @@ class RpcServer:
         for t in list(self.tasks):
             t.cancel()
         await asyncio.sleep(0)
+        # lingering closes: give clients a moment to read their replies and close first (bounded)
+        linger_end = time.monotonic() + min(const.LINGER_SECONDS, max(0.2, deadline - time.monotonic()))
+        while any(c.transport is not None and not c.closed for c in self.connections) \
+                and time.monotonic() < linger_end:
+            await asyncio.sleep(0.02)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()

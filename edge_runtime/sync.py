@@ -44,6 +44,17 @@ from .registry import DEFAULT_CHANNEL, MAX_CHUNK, BundleStore
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+MAX_FILE_BYTES = 1 << 34   # 16 GiB: a manifest claiming more for one file is refused before any transfer
+MAX_SKIPPED = 50        # versions remembered as skipped (oldest forgotten first): bounds state.json and health
+MAX_HISTORY = 50
+
+
+def _valid_version(v) -> bool:
+    try:
+        bundle_mod.check_version_name(v)
+        return True
+    except BundleError:
+        return False
 
 
 def check_model(model: Model) -> None:
@@ -111,12 +122,14 @@ class SyncManager:
         self.fetch_jitter = fetch_jitter
         self.state = self._read_state()
         self.bytes_from = {"registry": 0, "peer": 0}
+        self.boot_errors: list[str] = []   # bundles on disk refused at boot (health shows them)
         self.status: dict = {"enabled": True, "state": "starting", "registry": None, "registry_reachable": None,
                              "offline_since": None, "last_check": None, "last_success": None, "last_error": None,
                              "errors": 0, "installs": 0, "rollbacks": 0, "latest_seen": None}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
+        self._check_lock: asyncio.Lock | None = None
         self.on_swap = []     # callables(version) run after a swap (the peer announcement)
 
     # -- persistent state ------------------------------------------------------------------------------------
@@ -125,7 +138,9 @@ class SyncManager:
             with open(self.root / STATE_FILE, "r", encoding="utf-8") as f:
                 st = json.load(f)
             if isinstance(st, dict) and isinstance(st.get("history"), list) and isinstance(st.get("skip"), dict):
-                return st
+                # keep only well-formed entries: a hand-edited or damaged file must not break rollback
+                return {"history": [v for v in st["history"] if _valid_version(v)][-MAX_HISTORY:],
+                        "skip": {k: str(v)[:300] for k, v in st["skip"].items() if _valid_version(k)}}
             log.warning("%s: unexpected content; starting with an empty sync state", self.root / STATE_FILE)
         except FileNotFoundError:
             pass
@@ -144,7 +159,15 @@ class SyncManager:
 
     def _served(self, version: str) -> None:
         h = [v for v in self.state["history"] if v != version] + [version]
-        self.state["history"] = h[-50:]
+        self.state["history"] = h[-MAX_HISTORY:]
+        self._write_state()
+
+    def _skip(self, version: str, reason: str) -> None:
+        skip = self.state["skip"]
+        skip.pop(version, None)
+        skip[version] = reason[:300]
+        while len(skip) > MAX_SKIPPED:
+            del skip[next(iter(skip))]
         self._write_state()
 
     def _error(self, msg: str) -> None:
@@ -184,7 +207,9 @@ class SyncManager:
             try:
                 model = self.verified_model(v)
             except BundleError as exc:
-                self._error(f"bundle {v} on disk fails verification, not served: {exc}")
+                msg = f"bundle {v} on disk fails verification, not served: {exc}"
+                self.boot_errors = (self.boot_errors + [msg[:500]])[-10:]
+                self._error(msg)
                 continue
             self._served(v)
             log.info("boot: serving %s from %s", v, self.bundles)
@@ -201,7 +226,7 @@ class SyncManager:
         src = Path(bundle_dir)
         signing.verify_bundle(src, self.trusted)
         manifest = bundle_mod.load_manifest(src, verify=True)
-        version = str(manifest.get("model_version"))
+        version = bundle_mod.check_version_name(manifest.get("model_version"))
         dst = self.bundles / version
         if not dst.exists():
             tmp = self.staging / f".adopt-{version}"
@@ -218,7 +243,7 @@ class SyncManager:
     # -- the loop --------------------------------------------------------------------------------------------
     async def start(self, server=None) -> None:
         self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
+        self.lock()
         if self.discovery is not None:
             self.discovery.browse(REGISTRY_TYPE, self._on_registry)
             self.discovery.browse(NODE_TYPE)
@@ -231,6 +256,12 @@ class SyncManager:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+
+    def lock(self) -> asyncio.Lock:
+        """The lock every model change (install, rollback, SIGHUP reload) holds."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
     def _on_registry(self, name: str, entry: dict | None) -> None:
         if entry is not None and entry["props"].get("latest") not in (None, "", self._current()):
@@ -283,8 +314,11 @@ class SyncManager:
 
     async def check_once(self) -> bool:
         """One round: ask the registry for the latest version and install it if it is new. Returns False when the
-        registry could not be asked (the caller backs off)."""
-        async with self._lock:
+        registry could not be asked (the caller backs off). Rounds never overlap; the transfer does not hold the
+        model lock, so ``rollback`` and SIGHUP stay available while a slow download runs."""
+        if self._check_lock is None:
+            self._check_lock = asyncio.Lock()
+        async with self._check_lock:
             self.status["last_check"] = time.time()
             addr = self.registry_address()
             self.status["registry"] = f"{addr[0]}:{addr[1]}" if addr else None
@@ -306,8 +340,11 @@ class SyncManager:
             self.status.update(registry_reachable=True, offline_since=None)
             if self.status["state"] in ("offline", "starting"):
                 self.status["state"] = "idle"
-            if not isinstance(latest, dict) or not isinstance(latest.get("version"), str):
+            if latest is None:
                 return True   # empty channel
+            if not isinstance(latest, dict) or not _valid_version(latest.get("version")):
+                self._error(f"registry answered 'latest' with {str(latest)[:120]!r}: not a version record")
+                return True
             version = latest["version"]
             self.status["latest_seen"] = version
             if version == self._current() or version in self.state["skip"]:
@@ -334,6 +371,13 @@ class SyncManager:
         return [("peer", e["host"], int(e["props"]["rpc"])) for e in peers]
 
     async def _install(self, version: str, registry: tuple[str, int]) -> None:
+        try:
+            await self._install_inner(version, registry)
+        finally:
+            if self.status["state"] in ("downloading", "warming"):
+                self.status["state"] = "idle"
+
+    async def _install_inner(self, version: str, registry: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
         sources = self._peer_sources(version) + [("registry", registry[0], registry[1])]
         self.status["state"] = "downloading"
@@ -345,8 +389,7 @@ class SyncManager:
             except SignatureError as exc:
                 failures.append(f"{kind} {host}:{port}: {exc}")
                 if kind == "registry":
-                    self.state["skip"][version] = f"signature: {exc}"
-                    self._write_state()
+                    self._skip(version, f"signature: {exc}")
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     shutil.rmtree(self.staging / version, ignore_errors=True)
@@ -355,8 +398,9 @@ class SyncManager:
                                 f"{self._current()}: {exc}")
                     return
                 failures.append(f"{kind} {host}:{port}: {exc!r}")
-            except (asyncio.TimeoutError, RpcError, BundleError, SyncError, ValueError, KeyError, TypeError) as exc:
-                failures.append(f"{kind} {host}:{port}: {exc!r}")
+            except (asyncio.TimeoutError, RpcError, BundleError, SyncError, ValueError, KeyError, TypeError,
+                    AttributeError) as exc:
+                failures.append(f"{kind} {host}:{port}: {exc!r}"[:500])
         else:
             self.status["state"] = "idle"
             self._error(f"cannot fetch {version}, still serving {self._current()}: " + "; ".join(failures))
@@ -368,13 +412,16 @@ class SyncManager:
         try:
             model = await loop.run_in_executor(None, self.verified_model, version, True)
         except (BundleError, OSError, ValueError) as exc:
-            self.state["skip"][version] = f"warm-up: {exc}"
-            self._write_state()
+            self._skip(version, f"warm-up: {exc}")
             self.status["state"] = "idle"
             self._error(f"new version {version} failed its warm-up / health check, rolled back to "
                         f"{self._current()}: {exc}")
             return
-        await self.activate(model)
+        async with self.lock():
+            if version in self.state["skip"]:   # rolled back from while it loaded
+                log.info("sync: %s was skipped while it loaded; not activated", version)
+                return
+            await self.activate(model)
 
     async def activate(self, model: Model, reason: str = "sync") -> None:
         """Swap ``model`` in, check the served path, roll back if that fails, prune, announce."""
@@ -385,8 +432,7 @@ class SyncManager:
         except Exception as exc:
             if old is not None:
                 self.service.swap_model(old)
-            self.state["skip"][model.version] = f"served-path check: {exc!r}"
-            self._write_state()
+            self._skip(model.version, f"served-path check: {exc!r}")
             self.status["state"] = "idle"
             self.status["rollbacks"] += 1
             self._error(f"version {model.version} failed its first served request, rolled back to "
@@ -414,12 +460,14 @@ class SyncManager:
         c = await AsyncClient.connect(host, port, self.timeout)
         try:
             rep = await c.call("manifest", version=version)
-            raw, sig = rep.get("manifest"), rep.get("signature")
-            if not isinstance(raw, bytes):
-                raise SyncError(f"{kind} sent a manifest that is not bytes")
+            if not isinstance(rep, dict) or not isinstance(rep.get("manifest"), bytes) \
+                    or not isinstance(rep.get("signature"), dict):
+                raise SyncError(f"{kind} answered 'manifest' with {type(rep).__name__}, not "
+                                "{manifest: bin, signature: map}")
+            raw, sig = rep["manifest"], rep["signature"]
             signing.verify_bytes(raw, sig, self.trusted)   # before a single file byte
             manifest = json.loads(raw)
-            if manifest.get("model_version") != version:
+            if not isinstance(manifest, dict) or manifest.get("model_version") != version:
                 raise BundleError(f"manifest names version {manifest.get('model_version')!r}, asked {version!r}")
             files = manifest.get("files")
             if not isinstance(files, dict):
@@ -427,8 +475,9 @@ class SyncManager:
             for name, meta in files.items():
                 bundle_mod.check_member_name(name)
                 if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) \
-                        or not isinstance(meta.get("sha256"), str):
-                    raise BundleError(f"manifest entry for {name!r} lacks bytes / sha256")
+                        or not isinstance(meta.get("sha256"), str) or not 0 <= meta["bytes"] <= MAX_FILE_BYTES:
+                    raise BundleError(f"manifest entry for {name!r} lacks bytes / sha256 or is over "
+                                      f"{MAX_FILE_BYTES} bytes")
             stage = self.staging / version
             stage.mkdir(parents=True, exist_ok=True)
             old = stage / bundle_mod.MANIFEST
@@ -451,8 +500,11 @@ class SyncManager:
     async def _fetch_file(self, c: AsyncClient, kind: str, version: str, stage: Path, name: str, meta: dict,
                           loop) -> None:
         final = stage / name
-        if final.is_file() and final.stat().st_size == meta["bytes"]:
-            return   # finished (and checked) in an earlier attempt
+        if final.is_file() and not final.is_symlink() and final.stat().st_size == meta["bytes"]:
+            # finished in an earlier attempt: hashed again, staging is not trusted
+            if await loop.run_in_executor(None, bundle_mod.sha256_file, final) == meta["sha256"]:
+                return
+            final.unlink()
         part = stage / (name + ".part")
         part.parent.mkdir(parents=True, exist_ok=True)
         offset = part.stat().st_size if part.exists() else 0
@@ -490,7 +542,7 @@ class SyncManager:
         Raises:
             SyncError: no earlier verified version on disk.
         """
-        async with self._lock:
+        async with self.lock():
             current = self._current()
             loop = asyncio.get_running_loop()
             for v in reversed(self.state["history"]):
@@ -502,7 +554,7 @@ class SyncManager:
                     log.warning("rollback: %s fails verification: %s", v, exc)
                     continue
                 if current is not None:
-                    self.state["skip"][current] = "rolled back"
+                    self._skip(current, "rolled back")
                 self.state["skip"].pop(v, None)
                 self.status["rollbacks"] += 1
                 await self.activate(model, reason=f"rollback from {current}")
@@ -525,7 +577,7 @@ class SyncManager:
             extra -= 1
 
     def health(self) -> dict:
-        return dict(self.status, current=self._current(), versions_on_disk=[r["version"] for r in
+        return dict(self.status, boot_errors=list(self.boot_errors), current=self._current(), versions_on_disk=[r["version"] for r in
                                                                             self.store.versions()],
                     skipped=dict(self.state["skip"]), bytes_from=dict(self.bytes_from),
                     bytes_served_to_peers=self.store.bytes_served)

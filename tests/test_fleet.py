@@ -193,6 +193,15 @@ def test_store_fetch_bounds(reg_dir, tiny_bundle):
         store.fetch("../v1", "items.f32.npy", 0, 10)
     with pytest.raises(ValueError, match="offset"):
         store.fetch("v1", "items.f32.npy", -1, 10)
+    # a listed file replaced by a link (to a secret outside the bundle) is never served, and the bundle is refused
+    secret = reg_dir.parent / "secret.txt"
+    secret.write_text("private")
+    (reg_dir / "v1" / "item_ids.json").unlink()
+    (reg_dir / "v1" / "item_ids.json").symlink_to(secret)
+    with pytest.raises(InvalidParams, match="link"):
+        store.fetch("v1", "item_ids.json", 0, 100)
+    with pytest.raises(BundleError, match="item_ids.json"):
+        load_manifest(reg_dir / "v1")
 
 
 # ------------------------------------------------------------------------------------------ sync: happy paths
@@ -589,3 +598,131 @@ def test_zeroconf_fleet_on_loopback(tmp_path, tiny_bundle, keys):
         for p in procs:
             if p.poll() is None:
                 stop_daemon(p)
+
+
+# --------------------------------------------------------------------------- defects found by a breaker, fixed
+def test_junk_version_dirs_are_skipped_not_fatal(reg_dir, tmp_path):
+    for name, text in (("junk", '{"files": {"a": {"bytes": null}}}'), ("junk2", '{"published_at": "yesterday", '
+                       '"files": {}}'), ("junk3", "not json")):
+        (reg_dir / name).mkdir()
+        (reg_dir / name / MANIFEST).write_text(text)
+    (reg_dir / "evil").symlink_to(reg_dir / "v1")            # a linked version directory is not listed
+    svc = RegistryService(reg_dir)
+    assert [r["version"] for r in svc.store.versions()] == ["v1"]
+    assert svc.health({})["latest"] == "v1"
+    with pytest.raises(InvalidParams, match="unknown parameter"):
+        svc.methods["fetch"][0]({1: 2, "x": 3, "version": "v1", "file": "item_ids.json"})
+
+
+def test_symlinked_directory_inside_a_version_is_not_served(reg_dir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("private")
+    d = reg_dir / "v1"
+    (d / "extra").symlink_to(outside)
+    m = json.loads((d / MANIFEST).read_text())
+    m["files"]["extra/secret.txt"] = {"sha256": sha256_file(outside / "secret.txt"), "bytes": 7}
+    (d / MANIFEST).write_text(json.dumps(m))
+    store = BundleStore(reg_dir)
+    with pytest.raises(InvalidParams, match="leaves the bundle"):
+        store.fetch("v1", "extra/secret.txt", 0, 100)
+
+
+@pytest.mark.parametrize("version", ["../../escaped", "/abs", "a\nb", " ", "a\x01b", ".hidden", "x" * 200])
+def test_bad_version_names_refused_everywhere(tmp_path, tiny_bundle, keys, version):
+    with pytest.raises(BundleError, match="not allowed"):
+        publish(tiny_bundle, tmp_path / "r", keys["key"], version=version)
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    m = json.loads((bad / MANIFEST).read_text())
+    m["model_version"] = version
+    (bad / MANIFEST).write_text(json.dumps(m))
+    _sign_raw(bad, keys["key"])
+    sync = SyncManager(None, tmp_path / "state", keys["trusted"])
+    with pytest.raises(BundleError, match="not allowed"):
+        sync.adopt(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "state"]   # nothing written outside
+
+
+def test_staged_file_is_hashed_before_install(tmp_path, reg_dir, keys, tiny_bundle):
+    """A file already in staging with the right size but other bytes is not trusted: it is re-fetched."""
+    async def go():
+        reg = await Registry(reg_dir).start()
+        node = await Node(tmp_path / "n", keys["trusted"], reg.addr).start()
+        await node.sync.check_once()
+        publish(tiny_bundle, reg_dir, keys["key"], version="v2")
+        stage = tmp_path / "n" / "staging" / "v2"
+        stage.mkdir(parents=True)
+        shutil.copy(reg_dir / "v2" / MANIFEST, stage / MANIFEST)
+        good = (reg_dir / "v2" / "popularity.npy").read_bytes()
+        (stage / "popularity.npy").write_bytes(good[:-4] + b"\x00\x00\x80\x7f")
+        await node.sync.check_once()
+        assert node.version == "v2"
+        assert (tmp_path / "n" / "bundles" / "v2" / "popularity.npy").read_bytes() == good
+        await node.stop()
+    run(go())
+
+
+def test_rollback_is_not_blocked_by_a_slow_transfer(tmp_path, reg_dir, keys, tiny_bundle):
+    async def go():
+        reg = await Registry(reg_dir).start()
+        node = await Node(tmp_path / "n", keys["trusted"], reg.addr, chunk_bytes=64 << 10).start()
+        await node.sync.check_once()
+        publish(tiny_bundle, reg_dir, keys["key"], version="v2")
+        await node.sync.check_once()
+        publish(tiny_bundle, reg_dir, keys["key"], version="v3")
+        orig = reg.service.methods["fetch"][0]
+
+        async def slow(p):
+            await asyncio.sleep(0.5)
+            return orig(p)
+        reg.service.methods["fetch"] = (slow, True)
+        transfer = asyncio.ensure_future(node.sync.check_once())
+        await asyncio.sleep(1.0)
+        assert node.sync.status["state"] == "downloading"
+        t0 = time.monotonic()
+        res = await asyncio.wait_for(node.service.rollback({}), 5)
+        assert res == {"ok": True, "from": "v2", "to": "v1"} and time.monotonic() - t0 < 2
+        transfer.cancel()
+        await node.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("reply", [None, [1, 2], {"manifest": "text", "signature": {}}, {"manifest": b"{}"}])
+def test_malformed_manifest_replies_give_clear_errors(tmp_path, reg_dir, keys, tiny_bundle, reply):
+    async def go():
+        reg = await Registry(reg_dir).start()
+        node = await Node(tmp_path / "n", keys["trusted"], reg.addr).start()
+        await node.sync.check_once()
+        publish(tiny_bundle, reg_dir, keys["key"], version="v2")
+        reg.service.methods["manifest"] = (lambda p: reply, False)
+        await node.sync.check_once()
+        h = node.health()["sync"]
+        assert node.version == "v1" and h["state"] == "idle"
+        assert "cannot fetch v2" in h["last_error"] and "internal error" not in h["last_error"]
+        await node.stop()
+    run(go())
+
+
+def test_state_file_is_sanitized_and_bounded(tmp_path, keys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "state.json").write_text(json.dumps({"history": [1, None, ["x"], "v1", "../x"],
+                                                           "skip": {"ok": "r", "../bad": "r", "n\nl": 1}}))
+    sync = SyncManager(None, tmp_path / "s", keys["trusted"])
+    assert sync.state == {"history": ["v1"], "skip": {"ok": "r"}}
+    for i in range(120):
+        sync._skip(f"v{i}", "x" * 1000)
+    assert len(sync.state["skip"]) == 50 and "v119" in sync.state["skip"] and "v0" not in sync.state["skip"]
+    assert max(len(r) for r in sync.state["skip"].values()) == 300
+    assert os.path.getsize(tmp_path / "s" / "state.json") < 40_000
+
+
+def test_registry_latest_reply_that_is_not_a_record(tmp_path, reg_dir, keys):
+    async def go():
+        reg = await Registry(reg_dir).start()
+        node = await Node(tmp_path / "n", keys["trusted"], reg.addr).start()
+        reg.service.methods["latest"] = (lambda p: ["v9"], False)
+        assert await node.sync.check_once() is True
+        assert node.version is None and "not a version record" in node.health()["sync"]["last_error"]
+        await node.stop()
+    run(go())

@@ -343,3 +343,94 @@ def test_unit_file_verifies():
     shutil.rmtree(tmp, ignore_errors=True)
     assert r.returncode == 0, r.stderr
     assert "edgerec.service" not in r.stderr, r.stderr    # no warnings about the unit
+
+
+# --------------------------------------------------------------------------- defects found by a breaker, fixed
+def test_binary_config_and_bracketed_ipv6_registry(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(config_mod.ConfigError, match="not UTF-8"):
+        config_mod.load(f, env={})
+    f.write_text("server = 5\n")
+    with pytest.raises(config_mod.ConfigError, match="must be a table"):
+        config_mod.load(f, env={})
+    assert config_mod.split_hostport("[::1]:7710") == ("::1", 7710)
+    assert config_mod.split_hostport("reg.local:7710") == ("reg.local", 7710)
+    for bad in ("::1", "[::1]", "host:0", "host:99999", ":7710"):
+        with pytest.raises(ValueError):
+            config_mod.split_hostport(bad)
+
+
+def test_pipelined_load_at_sigterm_gets_replies_then_a_clean_eof(tmp_path, tiny_bundle, beauty_data):
+    port = free_port()
+    proc = start_daemon(tiny_bundle, port, ["--no-discovery"], log_path=tmp_path / "d.log")
+    conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    frames = b"".join(msgpack.packb([0, i, "recommend", [{"history": [beauty_data.item_ids[i % 500]], "k": 10}]])
+                      for i in range(3000))
+    senders = [threading.Thread(target=c.sendall, args=(frames,)) for c in conns]
+    for t in senders:
+        t.start()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    outcomes = []
+    for c in conns:
+        c.settimeout(20)
+        unpacker, n, how = msgpack.Unpacker(raw=False), 0, "eof"
+        try:
+            while True:
+                data = c.recv(1 << 16)
+                if not data:
+                    break
+                unpacker.feed(data)
+                for msg in unpacker:
+                    assert msg[2] is None and len(msg[3]["items"]) == 10
+                    n += 1
+        except ConnectionResetError:
+            how = "reset"
+        outcomes.append((n, how))
+        c.close()
+    for t in senders:
+        t.join(20)
+    assert proc.wait(30) == 0
+    assert all(how == "eof" and n > 0 for n, how in outcomes), outcomes
+
+
+def test_metrics_endpoint_holds_no_thread_per_connection(tmp_path, tiny_bundle):
+    port, mport = free_port(), free_port()
+    proc = start_daemon(tiny_bundle, port, ["--metrics-port", str(mport), "--no-discovery"],
+                        log_path=tmp_path / "d.log")
+    try:
+        threads = lambda: len(os.listdir(f"/proc/{proc.pid}/task"))  # noqa: E731
+        before = threads()
+        idle = [socket.create_connection(("127.0.0.1", mport)) for _ in range(100)]
+        for s in idle:
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")       # an unfinished head, held open
+        time.sleep(0.5)
+        assert threads() <= before + 1
+        for s in idle:
+            s.close()
+        time.sleep(0.3)
+        assert ("__family__", "edgerec_requests") in _scrape(mport)   # still serves scrapes
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_rapid_sighups_apply_in_order(tmp_path, tiny_bundle):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _copy_as_version(tiny_bundle, a, "va")
+    _copy_as_version(tiny_bundle, b, "vb")
+    cfg = tmp_path / "edgerec.toml"
+    port = free_port()
+    text = lambda d: f'[model]\nbundle = "{d}"\n[server]\nport = {port}\n[sync]\ndiscovery = false\n'  # noqa: E731
+    cfg.write_text(text(a))
+    proc = start_daemon(None, port, ["--config", str(cfg)], log_path=tmp_path / "d.log")
+    try:
+        for d in (b, a, b, a, b, a, b):
+            cfg.write_text(text(d))
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.01)
+        time.sleep(4)
+        with Client("127.0.0.1", port) as c:
+            assert c.call("health")["model_version"] == "vb"
+    finally:
+        assert stop_daemon(proc) == 0

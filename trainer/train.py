@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     attrs = None
-    if cfg.side_info == "attributes":
+    if cfg.side_info == "attributes" or (cfg.side_info == "auto" and data.item_attributes is not None):
         if data.item_attributes is None:
             raise data_mod.DataError("side_info = 'attributes' needs item attributes (--attributes FILE, or "
                                      "<stem>_item2attributes.json beside a sequence file)")
