@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--blocks", type=int, default=None)
     t.add_argument("--dropout", type=float, default=None)
     t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--ema-decay", type=float, default=None,
+                   help="weight moving average used for validation and export (default 0.995; 0 = off)")
+    t.add_argument("--num-negatives", type=int, default=None, help="sampled_ce negatives (default 8192)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--threads", type=int, default=None)
@@ -148,7 +151,8 @@ def _train(args) -> int:
     overrides = dict(data=args.data, columns=args.columns, attributes=args.attributes, epochs=args.epochs,
                      patience=args.patience, model=args.model, loss=args.loss, side_info=args.side_info,
                      hidden=args.hidden, blocks=args.blocks,
-                     dropout=args.dropout, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                     dropout=args.dropout, lr=args.lr, ema_decay=args.ema_decay,
+                     num_negatives=args.num_negatives, batch_size=args.batch_size, seed=args.seed,
                      threads=args.threads, device=args.device, time_budget_s=args.time_budget)
     try:
         cfg = (TrainConfig.from_toml(args.config, **overrides) if args.config

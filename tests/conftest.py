@@ -42,7 +42,7 @@ def tiny_bundle(tmp_path_factory, beauty_subset) -> Path:
 
     out = tmp_path_factory.mktemp("bundle") / "b"
     cfg = TrainConfig(data=str(beauty_subset), hidden=32, blocks=1, epochs=8, patience=8, batch_size=256,
-                      loss="ce", lr=3e-3, dropout=0.3, int8_check_users=500)
+                      loss="ce", lr=3e-3, dropout=0.3, ema_decay=0.0, int8_check_users=500)
     run(cfg, out, progress=False, printer=lambda *a: None)
     return out
 

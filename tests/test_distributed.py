@@ -15,7 +15,7 @@ from edge_runtime.process import PACKAGE_ROOT, free_port
 def train(tmp_path, name, beauty_subset, nproc):
     out = tmp_path / name
     args = ["-m", "edge_runtime", "train", "--data", str(beauty_subset), "--out", str(out), "--epochs", "3",
-            "--hidden", "16", "--blocks", "1", "--dropout", "0", "--loss", "ce", "--batch-size", "256", "--quiet"]
+            "--hidden", "16", "--blocks", "1", "--dropout", "0", "--loss", "ce", "--batch-size", "256", "--ema-decay", "0.9", "--quiet"]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", EDGEREC_DDP_BACKEND="gloo", OMP_NUM_THREADS="1")
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),

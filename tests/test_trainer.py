@@ -102,7 +102,7 @@ def test_bert4rec_trains_and_exports(tmp_path, beauty_subset):
     from trainer.train import run
 
     cfg = TrainConfig(data=str(beauty_subset), model="bert4rec", hidden=16, blocks=1, epochs=2, batch_size=256,
-                      loss="ce", int8_check_users=200)
+                      loss="ce", ema_decay=0.0, int8_check_users=200)
     manifest = run(cfg, tmp_path / "b", progress=False, printer=lambda *a: None)
     assert manifest["model"]["architecture"] == "BERT4Rec"
     test = manifest["metrics"]["test"]
