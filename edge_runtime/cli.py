@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -214,9 +213,8 @@ def _registry(args) -> int:
     import socket
 
     from .registry import RegistryService
-    from .server import serve
+    from .server import run_listening, serve
 
-    log = logging.getLogger("edgerec")
     os.makedirs(args.bundles, exist_ok=True)
     service = RegistryService(args.bundles)
 
@@ -236,12 +234,7 @@ def _registry(args) -> int:
             if discovery is not None:
                 await discovery.close()
 
-    try:
-        asyncio.run(main())
-    except OSError as exc:
-        log.error("cannot listen: %s", exc)
-        return 2
-    return 0
+    return run_listening(main)
 
 
 def _rollback(args) -> int:

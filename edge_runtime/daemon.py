@@ -26,7 +26,7 @@ def run_daemon(cfg: dict, reload_config=None) -> int:
     """Run until SIGTERM; returns the exit status (0 after a clean drain, 2 when it cannot start)."""
     from . import systemd
     from .model import Model, limit_blas_threads, limit_malloc_arenas
-    from .server import serve
+    from .server import run_listening, serve
     from .service import Service
 
     limit_malloc_arenas(2)
@@ -170,12 +170,7 @@ def run_daemon(cfg: dict, reload_config=None) -> int:
             if discovery is not None:
                 await discovery.close()
 
-    try:
-        asyncio.run(main())
-    except OSError as exc:
-        log.error("cannot listen: %s", exc)
-        return 2
-    return 0
+    return run_listening(main)
 
 
 class _MetricsEndpoint:

@@ -194,19 +194,20 @@ class StoreMethods:
 
 class RegistryService:
     """What ``edgerec registry`` serves: the StoreMethods plus ``health``; shaped like ``service.Service`` for the
-    RPC server (``lookup``, ``requests``, ``errors``, ``executor``)."""
+    RPC server (``lookup``, ``observe``, ``count_error``, ``executor``)."""
 
     def __init__(self, root: str | os.PathLike):
         self.store = BundleStore(root)
         self.methods = StoreMethods(self.store).table()
         self.methods["health"] = (self.health, False)
-        self.requests: dict[str, int] = {}
-        self.errors: dict[int, int] = {}
         self.started = time.time()
         self.executor = None
         self.model = None
 
     def observe(self, method: Any, seconds: float, code: int | None) -> None:
+        pass   # the registry keeps no request metrics
+
+    def count_error(self, code: int) -> None:
         pass
 
     def lookup(self, method: Any):

@@ -269,7 +269,6 @@ class RpcConnection(asyncio.Protocol):
         try:
             handler, is_async = self.service.lookup(method)
             p = _params_map(params)
-            self.service.requests[method] = self.service.requests.get(method, 0) + 1
             if not is_async:
                 result = handler(p)
                 self._finish(msgid, result, None)
@@ -317,7 +316,6 @@ class RpcConnection(asyncio.Protocol):
         if exc is not None:
             wire = exc.to_wire() if isinstance(exc, EdgeRuntimeError) else {
                 "code": INTERNAL_ERROR, "name": "InternalError", "message": f"internal error: {type(exc).__name__}"}
-            self.service.errors[wire["code"]] = self.service.errors.get(wire["code"], 0) + 1
         else:
             wire = None
         if msgid is not None:
@@ -339,7 +337,7 @@ class RpcConnection(asyncio.Protocol):
         A lingering close: send the reply and EOF, discard what the client still sends for up to
         ``const.LINGER_SECONDS``, then close, so the client reads the error instead of a connection reset."""
         log.info("closing connection: %s", exc)
-        self.service.errors[exc.code] = self.service.errors.get(exc.code, 0) + 1
+        self.service.count_error(exc.code)   # no request to observe: the stream itself was bad
         self._reply(None, exc.to_wire(), None)
         self.discarding = True
         self.unpacker = None
@@ -567,3 +565,13 @@ async def serve(service: Service, host: str | None, port: int | None, unix: str 
         if service.executor is not None:
             service.executor.shutdown(wait=True)
         log.info("stopped")
+
+
+def run_listening(main) -> int:
+    """``asyncio.run(main())`` for a command that listens: 0 when it returns, 2 (logged) when it cannot bind."""
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        logging.getLogger("edgerec").error("cannot listen: %s", exc)
+        return 2
+    return 0

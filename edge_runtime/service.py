@@ -139,8 +139,6 @@ class Service:
         self.sync = None   # a sync.SyncManager, see attach_sync
         self._stock_version = 0
         self.started = time.time()
-        self.requests: dict[str, int] = {}
-        self.errors: dict[int, int] = {}
         self.methods: dict[str, tuple[Callable, bool]] = {
             "recommend": (self.recommend, True),
             "track": (self.track, False),
@@ -157,6 +155,10 @@ class Service:
     def observe(self, method: Any, seconds: float, code: int | None) -> None:
         """Per-request accounting from the server: latency histogram, counters (see ``metrics``)."""
         self.metrics.observe(method, seconds, code)
+
+    def count_error(self, code: int) -> None:
+        """An error that closed a connection before any request could be read (parse error, oversized frame)."""
+        self.metrics.errors.labels(str(code)).inc()
 
     async def warm_up(self) -> None:
         """One request through the served path (encoder + scan on a scoring thread) before the daemon says it is
