@@ -162,3 +162,69 @@ def test_attribute_side_info_folds_into_the_exported_table(kind):
         seq = torch.tensor([[0, 0, 3, 7, 1], [2, 5, 9, 11, 40]])
         assert torch.allclose(m(seq), f(seq), atol=1e-5)
         assert torch.allclose(m.item_embeddings(), f.item_embeddings(), atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("elements", [300, 1 << 20])   # many small item chunks (at least MIN_CHUNK) / one chunk
+def test_chunked_full_softmax_equals_cross_entropy(reduction, elements):
+    from trainer.losses import full_softmax_ce
+
+    torch.manual_seed(0)
+    h0, e0 = torch.randn(37, 16) * 2.0, torch.randn(1000, 16)   # large logits: the running-max logsumexp matters
+    y = torch.randint(0, 1000, (37,))
+    h, e = h0.clone().requires_grad_(), e0.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h @ e.T, y, reduction=reduction)
+    ref.backward()
+    h2, e2 = h0.clone().requires_grad_(), e0.clone().requires_grad_()
+    got = full_softmax_ce(h2, e2, y, reduction=reduction, elements=elements)
+    got.backward(torch.tensor(1.0))
+    assert float(ref) > 1.0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2.grad, h.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(e2.grad, e.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="shapes"):
+        full_softmax_ce(h0, e0[:, :8], y)
+    with pytest.raises(ValueError, match="reduction"):
+        full_softmax_ce(h0, e0, y, reduction="none")
+
+
+def test_int8_lookup_has_per_row_scales_and_beats_one_scale(tmp_path):
+    """Items of very different norms: the per-row int8 lookup stays closer to fp32 than ONNX Runtime's default
+    (one scale for the whole table), and the float table is gone from the int8 encoder."""
+    import onnx
+    from onnx import numpy_helper
+
+    from trainer.export import int8_embedding_rows
+
+    torch.manual_seed(2)
+    m = build_model("sasrec", 3000, max_len=20, hidden=32, blocks=1, heads=1, dropout=0.0).eval()
+    with torch.no_grad():   # norms spread over two orders of magnitude, as in a long-tail catalog
+        m.item_emb.weight.mul_(torch.logspace(-1, 1, 3001).unsqueeze(1)[torch.randperm(3001)])
+    export_onnx(m, tmp_path / "e.onnx", 20)
+    assert int8_embedding_rows(tmp_path / "e.onnx", tmp_path / "rows.onnx")
+    g = onnx.load(tmp_path / "rows.onnx").graph
+    tables = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    assert "item_emb.weight" not in tables and tables["item_emb.weight_i8"].dtype == np.int8
+    assert tables["item_emb.weight_row_scale"].shape == (3001, 1)
+    assert not int8_embedding_rows(tmp_path / "rows.onnx", tmp_path / "again.onnx")   # nothing left to rewrite
+    quantize_int8(tmp_path / "e.onnx", tmp_path / "e8.onnx")
+
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    (tmp_path / "ort").mkdir()
+    ORTQuantizer.from_pretrained(tmp_path, file_name="e.onnx").quantize(
+        save_dir=tmp_path / "ort", quantization_config=AutoQuantizationConfig.avx2(is_static=False))
+    rng = np.random.default_rng(0)
+    seq = rng.integers(1, 3001, (256, 20)).astype(np.int64)
+    ref = Encoder(tmp_path / "e.onnx")(seq)
+    rows_fp = Encoder(tmp_path / "rows.onnx")(seq)
+    ours = Encoder(tmp_path / "e8.onnx")(seq)
+    ort = Encoder(next((tmp_path / "ort").glob("*.onnx")))(seq)
+
+    def err(x):
+        return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+    assert err(rows_fp) < 0.01          # the per-row lookup alone is within 1 %
+    # the whole int8 encoder: 0.6 % here, against 15 % with one scale for the table
+    assert err(ours) < 0.02 and err(ours) < err(ort) / 5

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .config import TrainConfig
 from .evaluate import LOOSplit, evaluate, loo_split, pad_left
+from .losses import full_softmax_ce
 from .model import BERT4Rec, SASRec, build_model
 
 log = logging.getLogger(__name__)
@@ -95,20 +96,28 @@ def _loss(model: SASRec, inp: torch.Tensor, tgt: torch.Tensor, cfg: TrainConfig,
     h, y = h[mask], tgt[mask] - 1          # [P D], [P] item rows
     items = model.item_embeddings()        # [N D]
     if cfg.loss == "ce":
-        logits, labels = h @ items.T, y
+        # the full softmax over all N items, chunked so the [P N] logits never exist at once (trainer.losses)
+        if denom is None:
+            return full_softmax_ce(h, items, y)
+        return full_softmax_ce(h, items, y, reduction="sum") / denom
+    return _sampled_ce(h, y, items, cfg, denom)
+
+
+def _sampled_ce(h: torch.Tensor, y: torch.Tensor, items: torch.Tensor, cfg: TrainConfig, denom: float | None):
+    """Sampled softmax cross-entropy of the target rows ``y`` [P] given hidden states ``h`` [P D] and item
+    embeddings [N D]."""
+    # Sampled softmax with uniform negatives (SASRec+), shared by the batch or drawn per target position
+    # (RecTools); accidental hits are masked out.
+    pos_logit = (h * items[y]).sum(-1, keepdim=True)                   # [P 1]
+    if cfg.negatives == "per_position":
+        neg = torch.randint(0, items.shape[0], (len(y), cfg.num_negatives), device=h.device)   # [P K]
+        neg_logit = torch.bmm(items[neg], h.unsqueeze(-1)).squeeze(-1)                        # [P K]
+        neg_logit = neg_logit.masked_fill(neg == y[:, None], float("-inf"))
     else:
-        # Sampled softmax with uniform negatives (SASRec+), shared by the batch or drawn per target position
-        # (RecTools); accidental hits are masked out.
-        pos_logit = (h * items[y]).sum(-1, keepdim=True)                   # [P 1]
-        if cfg.negatives == "per_position":
-            neg = torch.randint(0, items.shape[0], (len(y), cfg.num_negatives), device=h.device)   # [P K]
-            neg_logit = torch.bmm(items[neg], h.unsqueeze(-1)).squeeze(-1)                        # [P K]
-            neg_logit = neg_logit.masked_fill(neg == y[:, None], float("-inf"))
-        else:
-            neg = torch.randint(0, items.shape[0], (cfg.num_negatives,), device=h.device)
-            neg_logit = (h @ items[neg].T).masked_fill(neg[None, :] == y[:, None], float("-inf"))  # [P K]
-        logits = torch.cat([pos_logit, neg_logit], dim=1)
-        labels = torch.zeros(len(y), dtype=torch.long, device=h.device)
+        neg = torch.randint(0, items.shape[0], (cfg.num_negatives,), device=h.device)
+        neg_logit = F.linear(h, items[neg]).masked_fill(neg[None, :] == y[:, None], float("-inf"))  # [P K]
+    logits = torch.cat([pos_logit, neg_logit], dim=1)
+    labels = torch.zeros(len(y), dtype=torch.long, device=h.device)
     if denom is None:
         return F.cross_entropy(logits, labels)
     return F.cross_entropy(logits, labels, reduction="sum") / denom
