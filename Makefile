@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench-latency bench-topk bench-fleet bench-memory bench-quality clean
+.PHONY: install demo test bench-latency bench-topk bench-fleet bench-memory bench-quality bench-int8 bench-loss clean
 
 $(BIN)/edgerec: setup.py pyproject.toml $(wildcard edge_runtime/*.py trainer/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench-memory: install
 
 bench-quality: install
 	$(BIN)/python bench/bench_quality.py
+
+bench-int8: install $(BENCH_BUNDLE)/manifest.json
+	$(BIN)/python bench/bench_int8.py --bundle $(BENCH_BUNDLE)
+
+bench-loss: install
+	$(BIN)/python bench/bench_loss.py
 
 bench-topk: install
 	$(BIN)/python -m pip install --quiet '.[bench]'

@@ -11,7 +11,7 @@ Starting from the bundle's float32 ONNX encoder (``encoder.onnx``), it builds
   ``edgerec train`` ships;
 
 and evaluates fp32 / each int8 encoder with the float32 and with the int8 item matrix through trainer.evaluate
-(leave-one-out, full ranking, history masked), reporting HR@10 / NDCG@10, the change of NDCG@10 relative to fp32,
+(leave-one-out, full ranking, history masked; an int8 encoder gets one user per call, as served), reporting HR@10 / NDCG@10, the change of NDCG@10 relative to fp32,
 file sizes (bytes) and batch-1 encoder latency (µs, 1 thread, median over 300 real contexts). ``--data`` is the
 bundle's interaction log (default: the embedded Beauty data).
 """
@@ -88,8 +88,9 @@ def main(argv=None) -> int:
             enc = Encoder(path, threads=1)
             lat = latency_us(enc, ctx, max_len)
             enc = Encoder(path)
-            for item_kind, fn in (("fp32 items", onnx_score_fn(enc, items)),
-                                  ("int8 items", onnx_score_fn(enc, q, scales))):
+            one = name != "fp32"   # int8: each user encoded alone, as the daemon does (see onnx_score_fn)
+            for item_kind, fn in (("fp32 items", onnx_score_fn(enc, items, per_user=one)),
+                                  ("int8 items", onnx_score_fn(enc, q, scales, per_user=one))):
                 m = evaluate(fn, ctx, tgt, max_len)
                 rows.append({"encoder": name, "items": item_kind, "HR@10": m["HR@10"], "NDCG@10": m["NDCG@10"],
                              "bytes": path.stat().st_size, "latency_us": lat, "users": m["users"]})

@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="*", help="config files (default: bench/configs/*.toml)")
     ap.add_argument("--epochs", type=int, default=None, help="override the maximum epochs (a quick look)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
     ap.add_argument("--out", default="bench/results/quality.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     for path in paths:
         with open(path, "rb") as f:
             anchors = tomllib.load(f).get("anchors", {})
-        cfg = TrainConfig.from_toml(path, epochs=args.epochs)
+        cfg = TrainConfig.from_toml(path, epochs=args.epochs, threads=args.threads)
         if cfg.data is not None and not Path(cfg.data).is_file():
             print(f"skip {path}: data {cfg.data} not present")
             continue

@@ -129,9 +129,22 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike) -> 
         root.setLevel(level)
 
 
-def onnx_score_fn(encoder: Encoder, items: np.ndarray, scales: np.ndarray | None = None):
-    """score_fn for trainer.evaluate over an ONNX encoder and an item matrix (float32, or int8 + scales)."""
-    return lambda seq: dense_scores(encoder(seq), items, scales)
+def onnx_score_fn(encoder: Encoder, items: np.ndarray, scales: np.ndarray | None = None, per_user: bool = False):
+    """score_fn for trainer.evaluate over an ONNX encoder and an item matrix (float32, or int8 + scales).
+
+    ``per_user=True`` encodes each context alone over its real window ([1, l], padding stripped), exactly as the
+    daemon does (``edge_runtime.model.Model.encode``). The int8 encoder needs it to match the served numbers:
+    dynamic quantization takes one activation scale per tensor, so in a padded batch a user's vector depends on the
+    other users of the batch (measured: HR@10 0.0927 batched vs 0.0921 served, d = 256).
+    """
+    if not per_user:
+        return lambda seq: dense_scores(encoder(seq), items, scales)
+
+    def fn(seq: np.ndarray) -> np.ndarray:
+        users = np.stack([encoder(row[np.argmax(row > 0):].reshape(1, -1))[0] for row in seq])
+        return dense_scores(users, items, scales)
+
+    return fn
 
 
 def _attributes_csr(attrs):
@@ -174,7 +187,7 @@ def build_bundle(cfg, data, result: TrainResult, out_dir, printer=print) -> dict
         paths = {
             "pytorch_fp32": torch_score_fn(model),
             "onnx_fp32": onnx_score_fn(enc32, items),
-            "onnx_int8": onnx_score_fn(enc8, q, scales),
+            "onnx_int8": onnx_score_fn(enc8, q, scales, per_user=True),   # as served: one user per call
         }
         metrics = {name: evaluate(fn, split.test_ctx, split.test_target, cfg.max_len) for name, fn in paths.items()}
         n_check = min(cfg.int8_check_users, len(split.test_ctx))
