@@ -11,9 +11,10 @@ Starting from the bundle's float32 ONNX encoder (``encoder.onnx``), it builds
   ``edgerec train`` ships;
 
 and evaluates fp32 / each int8 encoder with the float32 and with the int8 item matrix through trainer.evaluate
-(leave-one-out, full ranking, history masked; an int8 encoder gets one user per call, as served), reporting HR@10 / NDCG@10, the change of NDCG@10 relative to fp32,
-file sizes (bytes) and batch-1 encoder latency (µs, 1 thread, median over 300 real contexts). ``--data`` is the
-bundle's interaction log (default: the embedded Beauty data).
+(leave-one-out, full ranking, history masked; an int8 encoder gets one user per call, as served), reporting
+HR@10 / NDCG@10, the change of NDCG@10 relative to fp32, file sizes (bytes) and batch-1 encoder latency (µs,
+1 thread, median over 300 real contexts). ``--data`` is the bundle's interaction log (default: the embedded Beauty
+data).
 """
 from __future__ import annotations
 

@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     for r in rows:
         for kind in ("plain", "bf16", "chunked"):
             k = r[kind]
-            print(f"  {r['items']:>7} {kind:<8} {k['ms']:>8.1f} {k['speedup_vs_plain']:>8.2f} {k['max_abs_diff']:>11.2e}")
+            print(f"  {r['items']:>7} {kind:<8} {k['ms']:>8.1f} {k['speedup_vs_plain']:>8.2f} "
+                  f"{k['max_abs_diff']:>11.2e}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,

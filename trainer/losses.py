@@ -5,8 +5,9 @@ better than SASRec?", RecSys 2023) scores every target position against every it
 ``F.cross_entropy(h @ E.T, y)`` spends most of its time allocating, page-faulting and streaming the [P, N] logits
 and their gradient (160 MB each for P = 740 positions x N = 54,542 items), not in the matmuls. The function here
 walks the catalog in item chunks with a running-max logsumexp, keeps one reused [P, chunk] buffer, and recomputes
-each chunk's logits in the backward pass instead of storing them: the idea of Cut Cross-Entropy (Wijmans et al., "Cut Your Losses in
-Large-Vocabulary Language Models", ICLR 2025) and of Liger's fused linear cross-entropy, written with torch ops.
+each chunk's logits in the backward pass instead of storing them: the idea of Cut Cross-Entropy (Wijmans et al.,
+"Cut Your Losses in Large-Vocabulary Language Models", ICLR 2025) and of Liger's fused linear cross-entropy,
+written with torch ops.
 """
 from __future__ import annotations
 
