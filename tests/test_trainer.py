@@ -228,3 +228,23 @@ def test_int8_lookup_has_per_row_scales_and_beats_one_scale(tmp_path):
     assert err(rows_fp) < 0.01          # the per-row lookup alone is within 1 %
     # the whole int8 encoder: 0.6 % here, against 15 % with one scale for the table
     assert err(ours) < 0.02 and err(ours) < err(ort) / 5
+
+
+def test_int8_lookup_rewrite_leaves_a_shared_table_alone(tmp_path):
+    """A table that a non-Gather node also reads (a tied output layer) is not rewritten: removing it would break
+    the graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trainer.export import int8_embedding_rows
+
+    table = numpy_helper.from_array(np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32),
+                                    "item_emb.weight")
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["item_emb.weight", "idx"], ["h"], axis=0),
+         helper.make_node("Gemm", ["h", "item_emb.weight"], ["scores"], transB=1)],
+        "tied", [helper.make_tensor_value_info("idx", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [3, 10])], [table])
+    onnx.save(helper.make_model(g), tmp_path / "tied.onnx")
+    assert not int8_embedding_rows(tmp_path / "tied.onnx", tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx").read_bytes() == (tmp_path / "tied.onnx").read_bytes()
