@@ -13,7 +13,7 @@ Starting from the bundle's float32 ONNX encoder (``encoder.onnx``), it builds
 and evaluates fp32 / each int8 encoder with the float32 and with the int8 item matrix through trainer.evaluate
 (leave-one-out, full ranking, history masked; an int8 encoder gets one user per call, as served), reporting
 HR@10 / NDCG@10, the change of NDCG@10 relative to fp32, file sizes (bytes) and batch-1 encoder latency (µs,
-1 thread, median over 300 real contexts). ``--data`` is the bundle's interaction log (default: the embedded Beauty
+1 thread, median over 300 real contexts, as bench_quality). ``--data`` is the bundle's interaction log (default: the embedded Beauty
 data).
 """
 from __future__ import annotations
@@ -24,12 +24,12 @@ import logging
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_quality import encoder_latency_us  # noqa: E402  (bench/ is the script's directory)
 from edge_runtime.model import Encoder  # noqa: E402
 from trainer import data as data_mod  # noqa: E402
 from trainer.evaluate import evaluate, loo_split  # noqa: E402
@@ -45,18 +45,6 @@ def ort_default_int8(src: Path, dst: Path) -> None:
         ORTQuantizer.from_pretrained(src.parent, file_name=src.name).quantize(
             save_dir=tmp, quantization_config=AutoQuantizationConfig.avx2(is_static=False, per_channel=False))
         shutil.move(str(next(Path(tmp).glob("*.onnx"))), dst)
-
-
-def latency_us(enc: Encoder, contexts, max_len: int, repeats: int = 300) -> float:
-    picks = contexts[:repeats]
-    for c in picks[:20]:
-        enc(c[-max_len:].reshape(1, -1))
-    times = []
-    for c in picks:
-        t0 = time.perf_counter()
-        enc(c[-max_len:].reshape(1, -1))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e6)
 
 
 def main(argv=None) -> int:
@@ -86,8 +74,7 @@ def main(argv=None) -> int:
         encoders["edgerec"] = work / "edgerec.onnx"
         rows = []
         for name, path in encoders.items():
-            enc = Encoder(path, threads=1)
-            lat = latency_us(enc, ctx, max_len)
+            lat = encoder_latency_us(path, ctx)
             enc = Encoder(path)
             one = name != "fp32"   # int8: each user encoded alone, as the daemon does (see onnx_score_fn)
             for item_kind, fn in (("fp32 items", onnx_score_fn(enc, items, per_user=one)),
