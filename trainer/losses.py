@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 # Elements of the reused [P, chunk] logits buffer (4 MB of float32; 1 M was the fastest of 0.25 / 0.5 / 1 / 2 / 3 / 8 M
-# on a 2-core EPYC): the chunk of items scored at once is
-# ELEMENTS // P, at least MIN_CHUNK items, so every matmul keeps a long inner dimension and the buffer stays in cache.
+# on a 2-core EPYC). The chunk of items scored at once is ELEMENTS // P, at least MIN_CHUNK items, so every matmul
+# keeps a long inner dimension and the buffer stays in cache.
 ELEMENTS = 1024 * 1024
 MIN_CHUNK = 256
 
