@@ -95,19 +95,18 @@ def _loss(model: SASRec, inp: torch.Tensor, tgt: torch.Tensor, cfg: TrainConfig,
     mask = tgt > 0
     h, y = h[mask], tgt[mask] - 1          # [P D], [P] item rows
     items = model.item_embeddings()        # [N D]
+    reduction = "mean" if denom is None else "sum"
     if cfg.loss == "ce":
         # the full softmax over all N items, chunked so the [P N] logits never exist at once (trainer.losses)
-        if denom is None:
-            return full_softmax_ce(h, items, y)
-        return full_softmax_ce(h, items, y, reduction="sum") / denom
-    return _sampled_ce(h, y, items, cfg, denom)
+        loss = full_softmax_ce(h, items, y, reduction=reduction)
+    else:
+        loss = F.cross_entropy(*_sampled_logits(h, y, items, cfg), reduction=reduction)
+    return loss if denom is None else loss / denom
 
 
-def _sampled_ce(h: torch.Tensor, y: torch.Tensor, items: torch.Tensor, cfg: TrainConfig, denom: float | None):
-    """Sampled softmax cross-entropy of the target rows ``y`` [P] given hidden states ``h`` [P D] and item
-    embeddings [N D]."""
-    # Sampled softmax with uniform negatives (SASRec+), shared by the batch or drawn per target position
-    # (RecTools); accidental hits are masked out.
+def _sampled_logits(h: torch.Tensor, y: torch.Tensor, items: torch.Tensor, cfg: TrainConfig):
+    """Sampled softmax (SASRec+) with uniform negatives, shared by the batch or drawn per target position
+    (RecTools); accidental hits are masked out. Returns logits [P 1+K] (the target first) and labels [P] (zeros)."""
     pos_logit = (h * items[y]).sum(-1, keepdim=True)                   # [P 1]
     if cfg.negatives == "per_position":
         neg = torch.randint(0, items.shape[0], (len(y), cfg.num_negatives), device=h.device)   # [P K]
@@ -116,11 +115,7 @@ def _sampled_ce(h: torch.Tensor, y: torch.Tensor, items: torch.Tensor, cfg: Trai
     else:
         neg = torch.randint(0, items.shape[0], (cfg.num_negatives,), device=h.device)
         neg_logit = F.linear(h, items[neg]).masked_fill(neg[None, :] == y[:, None], float("-inf"))  # [P K]
-    logits = torch.cat([pos_logit, neg_logit], dim=1)
-    labels = torch.zeros(len(y), dtype=torch.long, device=h.device)
-    if denom is None:
-        return F.cross_entropy(logits, labels)
-    return F.cross_entropy(logits, labels, reduction="sum") / denom
+    return torch.cat([pos_logit, neg_logit], dim=1), torch.zeros(len(y), dtype=torch.long, device=h.device)
 
 
 class _LossModule(torch.nn.Module):
