@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight moving average used for validation and export (default 0.995; 0 = off)")
     t.add_argument("--num-negatives", type=int, default=None, help="sampled_ce negatives (default 8192)")
     t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--batching", choices=["bucketed", "random"], default=None,
+                   help="bucketed: similar-length batches (default, faster); random: plain shuffled batches")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
@@ -151,7 +153,8 @@ def _train(args) -> int:
                      patience=args.patience, model=args.model, loss=args.loss, side_info=args.side_info,
                      hidden=args.hidden, blocks=args.blocks,
                      dropout=args.dropout, lr=args.lr, ema_decay=args.ema_decay,
-                     num_negatives=args.num_negatives, batch_size=args.batch_size, seed=args.seed,
+                     num_negatives=args.num_negatives, batch_size=args.batch_size, batching=args.batching,
+                     seed=args.seed,
                      threads=args.threads, device=args.device, time_budget_s=args.time_budget)
     try:
         cfg = (TrainConfig.from_toml(args.config, **overrides) if args.config

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from edge_runtime.process import PACKAGE_ROOT
 
+import json
 import subprocess
 import sys
 
@@ -88,8 +89,25 @@ def test_config_rejects_unknown_and_invalid(tmp_path):
     p.write_text("[train]\ndropout = 1.5\n")
     with pytest.raises(ValueError, match="'dropout'"):
         TrainConfig.from_toml(p)
+    p.write_text("[train]\nbatching = \"sorted\"\n")
+    with pytest.raises(ValueError, match="'batching'"):
+        TrainConfig.from_toml(p)
     p.write_text("[train]\nhidden = 48\nepochs = 3\n")
     assert TrainConfig.from_toml(p, epochs=7).epochs == 7 and TrainConfig.from_toml(p).hidden == 48
+
+
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_training_batches_cover_every_sequence_once(bucketed):
+    """Both batchings are a partition of the sequences into batches of batch_size (the last may be short);
+    bucketed batches hold similar lengths (sorted within chunks), plain shuffled ones mix them."""
+    from trainer.train import training_batches
+
+    lengths = np.random.default_rng(0).integers(1, 51, size=5000)
+    batches = training_batches(lengths, 64, np.random.default_rng(1), bucketed=bucketed)
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(5000))
+    assert sum(len(b) != 64 for b in batches) <= (5000 // (64 * 50) + 1 if bucketed else 1)
+    spread = np.mean([np.ptp(lengths[b]) for b in batches if len(b) == 64])
+    assert (spread < 5) if bucketed else (spread > 40)
 
 
 def test_daemon_modules_do_not_import_torch():
@@ -129,11 +147,13 @@ def test_cli_train_on_a_table(tmp_path):
     p = tmp_path / "log.csv"
     p.write_text("\n".join(rows) + "\n")
     out = subprocess.run([sys.executable, "-m", "edge_runtime", "train", "--data", str(p), "--out",
-                          str(tmp_path / "b"), "--epochs", "2", "--hidden", "16", "--quiet"],
+                          str(tmp_path / "b"), "--epochs", "2", "--hidden", "16", "--batching", "random", "--quiet"],
                          capture_output=True, text=True, timeout=600, cwd=PACKAGE_ROOT)
     assert out.returncode == 0, out.stderr
     assert "int8 (ONNX int8, int8 items)" in out.stdout and "NDCG@10" in out.stdout
     assert (tmp_path / "b" / "manifest.json").is_file() and (tmp_path / "b" / "item_attr_indptr.npy").is_file()
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["training_config"]["batching"] == "random" and manifest["training_config"]["hidden"] == 16
     bad = subprocess.run([sys.executable, "-m", "edge_runtime", "train", "--data", str(tmp_path / "nope.csv"),
                           "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120, cwd=PACKAGE_ROOT)
     assert bad.returncode == 2 and "no such file" in bad.stderr

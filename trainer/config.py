@@ -39,6 +39,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema_decay: float = 0.995         # > 0: evaluate and export an exponential moving average of the weights
     batch_size: int = 128
+    # "bucketed" (similar lengths per batch: faster) | "random" (plain shuffle: every target weighs the same;
+    # better on BERT4Rec's Beauty files), see trainer.train.training_batches
+    batching: str = "bucketed"
     epochs: int = 200                # upper bound; early stopping usually ends sooner
     patience: int = 15               # epochs without a better validation NDCG@10 before stopping
     min_epochs: int = 1
@@ -55,6 +58,7 @@ class TrainConfig:
             (self.model in ("sasrec", "bert4rec"), "model", "'sasrec' or 'bert4rec'"),
             (self.block_style in ("prenorm", "sasrec"), "block_style", "'prenorm' or 'sasrec'"),
             (self.init in ("normal", "xavier"), "init", "'normal' or 'xavier'"),
+            (self.batching in ("bucketed", "random"), "batching", "'bucketed' or 'random'"),
             (self.side_info in ("auto", "none", "attributes"), "side_info",
              "'auto', 'none' or 'attributes'"),
             (self.negatives in ("shared", "per_position"), "negatives", "'shared' or 'per_position'"),

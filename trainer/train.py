@@ -74,10 +74,21 @@ def torch_score_fn(model: SASRec, device: str = "cpu"):
     return fn
 
 
-def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffled batches of similar-length sequences (sorted within chunks of 50 batches), so each batch can be
-    trimmed to its longest sequence; the batch order is shuffled too."""
+def training_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                            bucketed: bool = True) -> list[np.ndarray]:
+    """Index batches over the training sequences, a new draw per epoch.
+
+    ``bucketed=True``: shuffled batches of similar-length sequences (sorted within chunks of 50 batches), so each
+    batch can be trimmed to its longest sequence; the batch order is shuffled too. Fast, but the per-batch mean
+    loss then weighs a target by 1 / (targets in its batch), so targets of short sequences count more.
+    ``bucketed=False``: plain shuffled batches (as the SASRec+ reference code): every target weighs about the same;
+    on BERT4Rec's Beauty files this lifted validation NDCG@10 by 6 % (bench/configs/beauty_bert4rec.toml).
+
+    Returns int64 index arrays of ``batch_size`` (the last of a chunk may be shorter) covering every sequence once.
+    """
     order = rng.permutation(len(lengths))
+    if not bucketed:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     chunk = batch_size * 50
     batches = []
     for s in range(0, len(order), chunk):
@@ -198,7 +209,7 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
         t0 = time.perf_counter()
         model.train()
         total, batches = 0.0, 0
-        for idx in length_bucketed_batches(lengths, cfg.batch_size, gen):
+        for idx in training_batches(lengths, cfg.batch_size, gen, cfg.batching == "bucketed"):
             if len(idx) < world:
                 continue  # every rank needs a share of the batch
             width = int(lengths[idx].max())
