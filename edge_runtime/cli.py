@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--num-negatives", type=int, default=None, help="sampled_ce negatives (default 8192)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--batching", choices=["bucketed", "random"], default=None,
-                   help="bucketed: similar-length batches (default, faster); random: plain shuffled batches")
+                   help="random: plain shuffled batches (default); bucketed: similar-length batches, faster "
+                        "epochs, lower NDCG@10 on Beauty")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")

@@ -147,13 +147,13 @@ def test_cli_train_on_a_table(tmp_path):
     p = tmp_path / "log.csv"
     p.write_text("\n".join(rows) + "\n")
     out = subprocess.run([sys.executable, "-m", "edge_runtime", "train", "--data", str(p), "--out",
-                          str(tmp_path / "b"), "--epochs", "2", "--hidden", "16", "--batching", "random", "--quiet"],
+                          str(tmp_path / "b"), "--epochs", "2", "--hidden", "16", "--batching", "bucketed", "--quiet"],
                          capture_output=True, text=True, timeout=600, cwd=PACKAGE_ROOT)
     assert out.returncode == 0, out.stderr
     assert "int8 (ONNX int8, int8 items)" in out.stdout and "NDCG@10" in out.stdout
     assert (tmp_path / "b" / "manifest.json").is_file() and (tmp_path / "b" / "item_attr_indptr.npy").is_file()
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["training_config"]["batching"] == "random" and manifest["training_config"]["hidden"] == 16
+    assert manifest["training_config"]["batching"] == "bucketed" and manifest["training_config"]["hidden"] == 16
     bad = subprocess.run([sys.executable, "-m", "edge_runtime", "train", "--data", str(tmp_path / "nope.csv"),
                           "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120, cwd=PACKAGE_ROOT)
     assert bad.returncode == 2 and "no such file" in bad.stderr
