@@ -69,7 +69,8 @@ class TrainConfig:
                                                    "a divisor of hidden"),
             (0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)"), (self.lr > 0, "lr", "> 0"),
             (self.batch_size >= 1, "batch_size", ">= 1"), (self.epochs >= 1, "epochs", ">= 1"),
-            (self.patience >= 1, "patience", ">= 1"), (0.0 <= self.ema_decay < 1.0, "ema_decay", "in [0, 1)"), (self.num_negatives >= 1, "num_negatives", ">= 1"),
+            (self.patience >= 1, "patience", ">= 1"), (0.0 <= self.ema_decay < 1.0, "ema_decay", "in [0, 1)"),
+            (self.num_negatives >= 1, "num_negatives", ">= 1"),
         ]
         for ok, key, allowed in checks:
             if not ok:
