@@ -75,7 +75,7 @@ def torch_score_fn(model: SASRec, device: str = "cpu"):
 
 
 def training_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                     bucketed: bool = True) -> list[np.ndarray]:
+                     bucketed: bool = False) -> list[np.ndarray]:
     """Index batches over the training sequences, a new draw per epoch.
 
     ``bucketed=True``: shuffled batches of similar-length sequences (sorted within chunks of 50 batches), so each
