@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test bench-latency bench-topk bench-fleet bench-memory bench-quality bench-int8 bench-loss clean
 
-$(BIN)/edgerec: setup.py pyproject.toml $(wildcard edge_runtime/*.py trainer/*.py)
+$(BIN)/edgerec: setup.py pyproject.toml $(wildcard edgerec/*.py edge_runtime/*.py edge_runtime/*/*.py trainer/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	rm -rf build  # a stale build/lib would ship modules that moved since
 	$(BIN)/python -m pip install --quiet '.[trainer,test]'
 	touch $@
 

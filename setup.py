@@ -1,9 +1,9 @@
-"""Build and install edgerec: the torch-free daemon (edge_runtime), the trainer (trainer, extra [trainer]) and the
-native top-k kernel (native/, built through CMakeLists.txt into edge_runtime/_native).
+"""Build and install edgerec: the commands (edgerec), the torch-free daemon (edge_runtime), the trainer (trainer,
+extra [trainer]) and the native top-k kernel (native/, built through CMakeLists.txt into edge_runtime/scoring/_native).
 
-Build switches (environment):
-  EDGE_RUNTIME_NO_NATIVE=1       skip the native kernel (the daemon then scores with Numba, or NumPy)
-  EDGE_RUNTIME_REQUIRE_NATIVE=1  fail the install if the native kernel cannot be built (CI sets it)
+Build switches (environment; the older EDGE_RUNTIME_* spellings still work, with a deprecation line):
+  EDGEREC_NO_NATIVE=1       skip the native kernel (the daemon then scores with Numba, or NumPy)
+  EDGEREC_REQUIRE_NATIVE=1  fail the install if the native kernel cannot be built (CI sets it)
 Without either, a failed native build (no C++ compiler, no CMake) is reported and the install goes on.
 """
 import os
@@ -17,7 +17,12 @@ from setuptools.command.build_ext import build_ext
 
 
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    """EDGEREC_<name> as a switch, else the deprecated EDGE_RUNTIME_<name> (reported)."""
+    value = os.environ.get(f"EDGEREC_{name}")
+    if value is None and f"EDGE_RUNTIME_{name}" in os.environ:
+        print(f"edgerec: EDGE_RUNTIME_{name} is deprecated; set EDGEREC_{name}", file=sys.stderr)
+        value = os.environ[f"EDGE_RUNTIME_{name}"]
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _cmake() -> str:
@@ -30,11 +35,11 @@ def _cmake() -> str:
 
 
 class CMakeBuild(build_ext):
-    """Builds edge_runtime._native with CMake (CMakeLists.txt at the repository root)."""
+    """Builds edge_runtime.scoring._native with CMake (CMakeLists.txt at the repository root)."""
 
     def build_extension(self, ext):
-        if _flag("EDGE_RUNTIME_NO_NATIVE"):
-            print("edgerec: EDGE_RUNTIME_NO_NATIVE set, not building the native kernel", file=sys.stderr)
+        if _flag("NO_NATIVE"):
+            print("edgerec: EDGEREC_NO_NATIVE set, not building the native kernel", file=sys.stderr)
             return
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
@@ -46,7 +51,7 @@ class CMakeBuild(build_ext):
                             f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release"], check=True)
             subprocess.run([cmake, "--build", str(build_dir), "-j", str(os.cpu_count() or 2)], check=True)
         except (OSError, ImportError, subprocess.CalledProcessError) as exc:
-            if _flag("EDGE_RUNTIME_REQUIRE_NATIVE"):
+            if _flag("REQUIRE_NATIVE"):
                 raise
             print(f"edgerec: WARNING: native kernel not built ({exc}); the daemon will score with the Numba / "
                   f"NumPy fallback", file=sys.stderr)
@@ -59,7 +64,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["edge_runtime", "trainer"],
+    packages=["edgerec", "edge_runtime", "edge_runtime.rpc", "edge_runtime.bundle", "edge_runtime.scoring",
+              "edge_runtime.serving", "edge_runtime.fleet", "edge_runtime.ops", "trainer"],
     package_data={"trainer": ["datasets/amazon_beauty_s3rec/*"]},
     install_requires=[
         "numpy>=1.24",
@@ -82,7 +88,7 @@ setup(
         # what bench/ compares against, and its plots
         "bench": ["faiss-cpu>=1.8", "usearch>=2.10", "matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["edgerec = edge_runtime.cli:main"]},
-    ext_modules=[Extension("edge_runtime._native", sources=[])],
+    entry_points={"console_scripts": ["edgerec = edgerec.cli:main"]},
+    ext_modules=[Extension("edge_runtime.scoring._native", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -38,11 +38,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_runtime import signing  # noqa: E402
 from edge_runtime.bundle import load_manifest  # noqa: E402
+from edge_runtime.bundle import signing  # noqa: E402
+from edge_runtime.bundle.store import publish  # noqa: E402
 from edge_runtime.client import Client  # noqa: E402
-from edge_runtime.process import PACKAGE_ROOT, free_port, start_daemon, stop_daemon  # noqa: E402
-from edge_runtime.registry import publish  # noqa: E402
+from edgerec.process import PACKAGE_ROOT, free_port, start_daemon, stop_daemon  # noqa: E402
 
 NODES = 3
 
@@ -179,7 +179,7 @@ def main() -> int:
             # published by another process, as a trainer would (and so the load generator's loop stays free)
             marks["publish"] = time.monotonic()
             pub = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "edge_runtime", "publish", str(v2src), "--registry", str(reg_dir), "--key",
+                sys.executable, "-m", "edgerec", "publish", str(v2src), "--registry", str(reg_dir), "--key",
                 str(work / "trainer.key"), "--version", "v2", cwd=PACKAGE_ROOT,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
             if await pub.wait() != 0:

@@ -30,10 +30,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_quality import encoder_latency_us  # noqa: E402  (bench/ is the script's directory)
-from edge_runtime.model import Encoder  # noqa: E402
+from edge_runtime.bundle import format as fmt  # noqa: E402
+from edge_runtime.serving.encoder import Encoder  # noqa: E402
 from trainer import data as data_mod  # noqa: E402
 from trainer.evaluate import evaluate, loo_split  # noqa: E402
-from trainer.export import onnx_score_fn, quantize_int8  # noqa: E402
+from trainer.export import quantize_int8  # noqa: E402
+from trainer.scorers import onnx_score_fn  # noqa: E402
 
 
 def ort_default_int8(src: Path, dst: Path) -> None:
@@ -61,16 +63,16 @@ def main(argv=None) -> int:
     data = data_mod.load(args.data)
     split = loo_split(data.sequences)
     ctx, tgt = split.test_ctx[:args.users], split.test_target[:args.users]
-    items = np.load(b / "items.f32.npy")
-    q, scales = np.load(b / "items.i8.npy"), np.load(b / "items.scale.npy")
+    items = np.load(b / fmt.ITEMS_F32)
+    q, scales = np.load(b / fmt.ITEMS_I8), np.load(b / fmt.ITEMS_SCALE)
     if items.shape[0] != data.num_items:
         raise SystemExit(f"the bundle has {items.shape[0]} items, the data {data.num_items}: pass its --data")
     work = Path(tempfile.mkdtemp(prefix="bench-int8-"))
     try:
-        encoders = {"fp32": b / "encoder.onnx"}
-        ort_default_int8(b / "encoder.onnx", work / "ort-default.onnx")
+        encoders = {"fp32": b / fmt.ENCODER_FP32}
+        ort_default_int8(b / fmt.ENCODER_FP32, work / "ort-default.onnx")
         encoders["ort-default"] = work / "ort-default.onnx"
-        quantize_int8(b / "encoder.onnx", work / "edgerec.onnx")
+        quantize_int8(b / fmt.ENCODER_FP32, work / "edgerec.onnx")
         encoders["edgerec"] = work / "edgerec.onnx"
         rows = []
         for name, path in encoders.items():

@@ -25,8 +25,9 @@ import msgpack
 import numpy as np
 
 from edge_runtime import scoring
-from edge_runtime.model import Model, limit_blas_threads
-from edge_runtime.process import free_port, start_daemon, stop_daemon
+from edge_runtime.serving.memory import limit_blas_threads
+from edge_runtime.serving.model import Model
+from edgerec.process import free_port, start_daemon, stop_daemon
 
 
 def load_contexts(model: Model, n: int, seed: int = 0) -> list[list[str]]:

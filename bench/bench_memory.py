@@ -32,10 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_runtime import bundle as bundle_mod  # noqa: E402
+from edge_runtime.bundle import format as bundle_fmt  # noqa: E402
+from edge_runtime.bundle.writer import stage_arrays, write_bundle  # noqa: E402
 from edge_runtime.client import Client  # noqa: E402
-from edge_runtime.process import free_port, start_daemon, stop_daemon  # noqa: E402
-from edge_runtime.scoring import quantize_rows  # noqa: E402
+from edgerec.process import free_port, start_daemon, stop_daemon  # noqa: E402
 
 MIB = 1 << 20
 
@@ -51,7 +51,7 @@ def proc_mem(pid: int) -> dict:
 
 def make_bundle(n: int, out: Path, dim: int = 64, max_len: int = 50, seed: int = 0) -> Path:
     """A serving bundle with ``n`` items (see the module docstring)."""
-    if (out / bundle_mod.MANIFEST).is_file():
+    if (out / bundle_fmt.MANIFEST).is_file():
         return out
     import torch
 
@@ -62,22 +62,16 @@ def make_bundle(n: int, out: Path, dim: int = 64, max_len: int = 50, seed: int =
     rng = np.random.default_rng(seed)
     staged = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
     model = SASRec(n, max_len=max_len, hidden=dim, blocks=1, heads=1, dropout=0.0).eval()
-    export_onnx(model, staged / "encoder.onnx", max_len)
-    quantize_int8(staged / "encoder.onnx", staged / "encoder.int8.onnx")
-    (staged / "encoder.onnx").unlink()   # the daemon serves int8; keep the bundle at its edge size
+    export_onnx(model, staged / bundle_fmt.ENCODER_FP32, max_len)
+    quantize_int8(staged / bundle_fmt.ENCODER_FP32, staged / bundle_fmt.ENCODER_INT8)
+    (staged / bundle_fmt.ENCODER_FP32).unlink()   # the daemon serves int8; keep the bundle at its edge size
     items = model.item_embeddings().detach().numpy().astype(np.float32)
-    q, scales = quantize_rows(items)
-    np.save(staged / "items.f32.npy", items, allow_pickle=False)
-    np.save(staged / "items.i8.npy", q, allow_pickle=False)
-    np.save(staged / "items.scale.npy", scales, allow_pickle=False)
-    np.save(staged / "popularity.npy", rng.zipf(1.3, n).astype(np.float32), allow_pickle=False)
-    (staged / "item_ids.json").write_text(json.dumps([f"i{r}" for r in range(n)]))
-    np.save(staged / "item_attr_indptr.npy", np.arange(0, 3 * n + 1, 3, dtype=np.int64), allow_pickle=False)
-    np.save(staged / "item_attr_codes.npy", rng.integers(0, 1000, 3 * n).astype(np.int32), allow_pickle=False)
-    (staged / "item_attr_names.json").write_text(json.dumps([f"c{j}" for j in range(1000)]))
+    codes = rng.integers(0, 1000, (n, 3))
+    attributes = [[f"c{c}" for c in row] for row in codes.tolist()]   # 3 of 1,000 categories per item
+    stage_arrays(staged, items, [f"i{r}" for r in range(n)], rng.zipf(1.3, n).astype(np.float32), attributes)
     manifest = {"model_version": f"synthetic-{n}", "created_at": "2026-01-01T00:00:00+00:00",
                 "model": {"architecture": "SASRec", "num_items": n, "dim": dim, "max_len": max_len}}
-    bundle_mod.write_bundle(out, staged, manifest)
+    write_bundle(out, staged, manifest)
     return out
 
 
@@ -134,7 +128,7 @@ def run_case(bundle: Path, args, max_sessions: int | None, tag: str) -> dict:
     try:
         time.sleep(1.0)
         idle = proc_mem(proc.pid)
-        n = json.loads((bundle / bundle_mod.MANIFEST).read_text())["model"]["num_items"]
+        n = json.loads((bundle / bundle_fmt.MANIFEST).read_text())["model"]["num_items"]
         secs = asyncio.run(_load(port, args.users, args.events, args.requests, n))
         loaded = proc_mem(proc.pid)
         with Client("127.0.0.1", port) as c:
@@ -161,8 +155,8 @@ def main() -> int:
         t0 = time.perf_counter()
         b = make_bundle(n, Path(args.workdir) / f"bundle-{n}")
         build_s = time.perf_counter() - t0
-        size = sum(m["bytes"] for name, m in bundle_mod.load_manifest(b, verify=False)["files"].items()
-                   if name != "items.f32.npy")
+        size = sum(m["bytes"] for name, m in bundle_fmt.load_manifest(b, verify=False)["files"].items()
+                   if name != bundle_fmt.ITEMS_F32)
         row = {"items": n, "bundle_bytes_served": size, "build_seconds": round(build_s, 1)}
         row["unbounded"] = run_case(b, args, None, f"{n}")
         row["bounded"] = run_case(b, args, max(1, args.users // 10), f"{n}-bounded")

@@ -26,11 +26,12 @@ except ModuleNotFoundError:  # Python 3.10
 
 import numpy as np
 
-from edge_runtime.model import Encoder
+from edge_runtime.bundle import format as fmt
+from edge_runtime.serving.encoder import Encoder
+from trainer import data as data_mod
 from trainer.config import TrainConfig
 from trainer.evaluate import loo_split
-from trainer.train import run
-from trainer import data as data_mod
+from trainer.pipeline import run
 
 HERE = Path(__file__).resolve().parent
 
@@ -84,7 +85,7 @@ def served_metrics(bundle: Path, data, split) -> dict:
     to ``recommend`` over the socket, the held-out item looked for in the reply."""
     import asyncio
 
-    from edge_runtime.process import free_port, start_daemon, stop_daemon
+    from edgerec.process import free_port, start_daemon, stop_daemon
     from trainer.evaluate import metrics_from_ranks
 
     ids = data.item_ids
@@ -137,10 +138,10 @@ def main(argv=None) -> int:
             "epochs": m["epochs"], "best_epoch": m["best_epoch"],
             "train_seconds": m["train_seconds"], "top10_overlap_vs_pytorch": m["top10_overlap_vs_pytorch"],
             "int8_ndcg10_relative_change": m["int8_ndcg10_relative_change"],
-            "encoder_bytes": {"fp32": files["encoder.onnx"]["bytes"], "int8": files["encoder.int8.onnx"]["bytes"]},
-            "items_bytes": {"fp32": files["items.f32.npy"]["bytes"], "int8": files["items.i8.npy"]["bytes"]},
-            "encoder_latency_us": {"fp32": encoder_latency_us(out_dir / "encoder.onnx", contexts),
-                                   "int8": encoder_latency_us(out_dir / "encoder.int8.onnx", contexts)},
+            "encoder_bytes": {"fp32": files[fmt.ENCODER_FP32]["bytes"], "int8": files[fmt.ENCODER_INT8]["bytes"]},
+            "items_bytes": {"fp32": files[fmt.ITEMS_F32]["bytes"], "int8": files[fmt.ITEMS_I8]["bytes"]},
+            "encoder_latency_us": {"fp32": encoder_latency_us(out_dir / fmt.ENCODER_FP32, contexts),
+                                   "int8": encoder_latency_us(out_dir / fmt.ENCODER_INT8, contexts)},
             "valid_ndcg10_per_epoch": [h["valid_NDCG@10"] for h in m["history"]],
             "anchors": anchors,
         })

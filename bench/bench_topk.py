@@ -58,7 +58,7 @@ def bandwidth_gbs(threads: int = 1) -> float:
     ``threads`` threads (the GIL is released while summing)."""
     import threading
 
-    from edge_runtime import _native
+    from edge_runtime.scoring import _native
 
     a = np.ones(128 * 1024 * 1024, dtype=np.float32)
     parts = np.array_split(a, threads)

@@ -1,4 +1,5 @@
-"""Daemon configuration: one TOML file, overridden by ``EDGEREC_*`` environment variables, overridden by flags.
+"""Daemon configuration: one TOML file, overridden by ``EDGEREC_*`` environment variables, overridden by flags;
+and ``env_value``, the one reader of the project's other environment switches (``EDGEREC_SCORING`` ...).
 
 Precedence (lowest first): built-in defaults -> the TOML file (``--config PATH``, else ``/etc/edgerec/edgerec.toml``
 when it exists) -> environment variables ``EDGEREC_<SECTION>_<KEY>`` (e.g. ``EDGEREC_SERVER_PORT=7701``) ->
@@ -8,6 +9,7 @@ start-up; an error names the key (``section.key``), the value and what is allowe
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 try:
@@ -18,12 +20,35 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import const
+from .errors import ConfigError
 
-DEFAULT_PATH = "/etc/edgerec/edgerec.toml"
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = const.CONFIG_PATH
+_warned: set[str] = set()
+
+__all__ = ["BY_DOTTED", "ConfigError", "DEFAULT_PATH", "KEYS", "Key", "env_flag", "env_value", "example", "load",
+           "split_hostport"]
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value or an unknown key; the message names it."""
+def env_value(name: str, env: dict | None = None) -> str | None:
+    """The value of ``EDGEREC_<name>``, else of the deprecated ``EDGE_RUNTIME_<name>`` (a deprecation line is logged
+    once per name), else None."""
+    env = os.environ if env is None else env
+    new, old = const.ENV_PREFIX + name, const.OLD_ENV_PREFIX + name
+    if new in env:
+        return env[new]
+    if old in env:
+        if old not in _warned:
+            _warned.add(old)
+            log.warning("%s is deprecated; set %s instead (the old name stops working in a later release)", old, new)
+        return env[old]
+    return None
+
+
+def env_flag(name: str, env: dict | None = None) -> bool:
+    """``env_value(name)`` read as a switch: 1 / true / yes / on."""
+    return (env_value(name, env) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +81,7 @@ KEYS: tuple[Key, ...] = (
     Key("server", "port", int, const.DEFAULT_PORT, _rng(-1, 65535), "an integer in -1..65535 (-1: no TCP)"),
     Key("server", "unix", str, "", None, "a socket path ('' = none)"),
     Key("server", "threads", int, const.SCORING_THREADS, _rng(1, 256), "an integer in 1..256"),
-    Key("server", "drain_seconds", float, 10.0, _rng(0, 3600), "seconds in 0..3600"),
+    Key("server", "drain_seconds", float, const.DRAIN_SECONDS, _rng(0, 3600), "seconds in 0..3600"),
     Key("server", "stalled_frame_seconds", float, const.STALLED_FRAME_SECONDS, _rng(0.1, 3600),
         "seconds in 0.1..3600"),
     Key("server", "idle_seconds", float, const.IDLE_SECONDS, _rng(1, 86400), "seconds in 1..86400"),
@@ -69,11 +94,11 @@ KEYS: tuple[Key, ...] = (
     Key("sync", "registry", str, "", lambda v: v == "" or _hostport(v), "'' or HOST:PORT"),
     Key("sync", "discovery", bool, True, None, "true or false"),
     Key("sync", "node_id", str, "", None, "a name ('' = HOSTNAME-PORT)"),
-    Key("sync", "channel", str, "stable", lambda v: bool(v), "a channel name"),
-    Key("sync", "keep", int, 3, _rng(2, 1000), "an integer in 2..1000"),
-    Key("sync", "poll_seconds", float, 30.0, _rng(0.1, 86400), "seconds in 0.1..86400"),
-    Key("sync", "max_backoff", float, 300.0, _rng(0.1, 86400), "seconds in 0.1..86400"),
-    Key("metrics", "host", str, "127.0.0.1", lambda v: bool(v), "an address to bind", flag="metrics_host"),
+    Key("sync", "channel", str, const.DEFAULT_CHANNEL, lambda v: bool(v), "a channel name"),
+    Key("sync", "keep", int, const.SYNC_KEEP, _rng(2, 1000), "an integer in 2..1000"),
+    Key("sync", "poll_seconds", float, const.SYNC_POLL_SECONDS, _rng(0.1, 86400), "seconds in 0.1..86400"),
+    Key("sync", "max_backoff", float, const.SYNC_MAX_BACKOFF_SECONDS, _rng(0.1, 86400), "seconds in 0.1..86400"),
+    Key("metrics", "host", str, const.METRICS_HOST, lambda v: bool(v), "an address to bind", flag="metrics_host"),
     Key("metrics", "port", int, 0, _rng(0, 65535), "an integer in 0..65535 (0: no metrics endpoint)",
         flag="metrics_port"),
     Key("log", "level", str, "INFO", lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

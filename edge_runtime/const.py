@@ -1,8 +1,18 @@
-"""Bounds on every network-facing resource, with the reason beside each number."""
+"""Every bound, port, name and default of the node, with its unit and the reason beside each number.
 
-DEFAULT_HOST = "127.0.0.1"   # loopback by default: exposing the daemon is an explicit choice
-DEFAULT_PORT = 7700
+Grouped by the room that uses it (``ARCHITECTURE.md``); nothing else in ``edge_runtime`` defines a bound of its own.
+"""
 
+# ------------------------------------------------------------------------------------------------ names and ports
+ENV_PREFIX = "EDGEREC_"          # every environment variable the project reads starts with it
+OLD_ENV_PREFIX = "EDGE_RUNTIME_"  # deprecated spelling, still read (a deprecation line is logged once per name)
+DEFAULT_HOST = "127.0.0.1"       # loopback by default: exposing the daemon is an explicit choice
+DEFAULT_PORT = 7700              # the node's MessagePack-RPC port
+REGISTRY_PORT = 7710             # the registry's MessagePack-RPC port
+DEFAULT_CHANNEL = "stable"       # registry channel a node follows unless told otherwise
+CONFIG_PATH = "/etc/edgerec/edgerec.toml"   # read when it exists and no --config is given
+
+# ------------------------------------------------------------------------------------------------ rpc/ (framing)
 # A recommend request with a 1,000-item history is ~20 KB; 1 MiB leaves room for large track_batch calls while
 # bounding what one connection can make the daemon buffer.
 MAX_FRAME_BYTES = 1 << 20    # bytes
@@ -18,11 +28,24 @@ STALLED_FRAME_SECONDS = 30.0       # s
 # A connection without a byte or a request in flight for this long is closed (idle sockets cannot hold all
 # MAX_CONNECTIONS slots for ever); clients reconnect.
 IDLE_SECONDS = 300.0               # s
+# After a fatal protocol error the daemon sends the error and EOF, then discards input this long before closing, so
+# the client reads the error rather than a TCP reset caused by its own unread bytes.
+LINGER_SECONDS = 2.0         # s
+# On SIGTERM, requests in flight get at most this long to finish before they are cancelled.
+DRAIN_SECONDS = 10.0         # s
+MAX_MSGID = 0xFFFFFFFF       # msgpack-rpc msgids are uint32
+# Reply bytes a client buffers unparsed: above a fetch chunk (MAX_CHUNK_BYTES) plus framing, far below RAM.
+CLIENT_MAX_BUFFER_BYTES = 64 << 20   # bytes
+CLIENT_TIMEOUT_SECONDS = 30.0        # s, blocking client: per socket operation
+REPR_CHARS = 60              # characters of a bad value quoted in an error message (a huge value stays short)
+
+# ------------------------------------------------------------------------------------------------ serving/ (requests)
 # Larger k is not a recommendation any more but a catalog dump; the scan cost is the same, the reply is not.
 MAX_K = 1000
-# history sent inline in a recommend call; the encoder reads only the last max_len (50) anyway.
-MAX_HISTORY = 1000
-MAX_BATCH_EVENTS = 10_000    # events in one track_batch
+# History ids sent inline in a recommend call (also: ids in filters.exclude); the encoder reads only the last
+# max_len (50) anyway.
+MAX_HISTORY_IDS = 1000
+MAX_BATCH_EVENTS = 10_000    # events in one track_batch; also items in one set_availability
 MAX_ID_CHARS = 256           # user / item id length
 # Per-user session: ring of the most recent events. The encoder reads 50; the rest feeds exclude_seen.
 SESSION_EVENTS = 100
@@ -35,11 +58,58 @@ CACHE_ENTRIES = 50_000       # cached recommend results (LRU)
 CACHE_ITEMS = 1_000_000
 # Attribute values one category filter may name; each costs a scan of the attribute table.
 MAX_FILTER_VALUES = 100
+# Category masks a model caches (one packed bitset of N / 8 bytes each: 256 x 12,101 items -> 390 KB).
+ATTRIBUTE_MASK_CACHE = 256
 # Out-of-stock ids remembered (ids unknown to the current model included: a later model may know them).
 MAX_OUT_OF_STOCK = 1_000_000
 # Event timestamps above this (unix s, year 2286) are rejected as garbage.
-MAX_TS = 1e10
+MAX_TS = 1e10                # s
 SCORING_THREADS = 2          # threads that run encoder + scan; both release the GIL
-# After a fatal protocol error the daemon sends the error and EOF, then discards input this long before closing, so
-# the client reads the error rather than a TCP reset caused by its own unread bytes.
-LINGER_SECONDS = 2.0         # s
+MALLOC_ARENAS = 2            # glibc arenas (a model loaded in a worker thread reuses what the loop freed)
+BLAS_THREADS = 1             # per mat-vec: requests already run in parallel scoring threads
+CHECK_K = 10                 # the model / served-path check asks for this many items
+
+# ------------------------------------------------------------------------------------------------ scoring/ (top-k)
+MAX_QUERIES = 4096           # queries per call (the daemon sends 1; benchmarks up to 64)
+MAX_DIM = 16384              # d of float32 queries / items
+# int8 queries: |sum| <= 128 * 128 * d < 2^24 keeps float32 lanes exact up to d = 1024.
+MAX_DIM_INT8_QUERY = 1024
+MAX_RESULTS = 10_000_000     # B * min(k, N) entries per call (int64 ids + float32 scores: 120 MB)
+MAX_THREADS = 256            # threads one scan may split the item range over
+
+# ------------------------------------------------------------------------------------------------ bundle/
+MAX_VERSION_CHARS = 128      # a model version is a directory name
+MAX_CHANNEL_CHARS = 64       # a registry channel name
+# A manifest claiming more for one file is refused before any transfer.
+MAX_FILE_BYTES = 1 << 34     # bytes (16 GiB)
+HASH_BUFFER_BYTES = 1 << 18  # one reused 256 KiB buffer: hashing a bundle allocates nothing per block
+
+# ------------------------------------------------------------------------------------------------ fleet/
+MAX_CHUNK_BYTES = 1 << 20    # bytes per fetch reply (1 MiB): bounds the reply frame and the memory per transfer
+# bytes a node asks per fetch call; 256 KiB keeps the transfer's buffers (reply frame, decoded chunk, socket
+# buffer) small on both ends during a swap.
+SYNC_CHUNK_BYTES = 256 << 10
+SYNC_TIMEOUT_SECONDS = 10.0  # s per RPC call of the sync loop
+SYNC_KEEP = 3                # bundle versions kept on disk (>= 2 so that a rollback target stays)
+SYNC_POLL_SECONDS = 30.0     # s between registry polls while it answers
+SYNC_MAX_BACKOFF_SECONDS = 300.0   # s: the poll interval backs off from 1 s up to this while it is unreachable
+# With peers, wait a random 0..this before fetching a new version, so nodes that start later find it on a peer
+# instead of all hitting the registry at once.
+SYNC_FETCH_JITTER_SECONDS = 2.0    # s
+SYNC_DISCOVERY_GRACE_SECONDS = 3.0  # s the first check waits for zeroconf to find a registry
+MAX_SKIPPED_VERSIONS = 50    # versions remembered as skipped (oldest forgotten first): bounds state.json and health
+MAX_SERVED_VERSIONS = 50     # versions remembered as served (the rollback history)
+MAX_BOOT_ERRORS = 10         # refused bundles listed in health
+MAX_ERROR_CHARS = 500        # characters of one error kept in sync state / health
+NODE_ANNOUNCE_SECONDS = 5.0  # s between a node's zeroconf TXT refreshes (load, version)
+REGISTRY_ANNOUNCE_SECONDS = 1.0    # s between the registry's rescans of its bundle directory
+ZEROCONF_RESOLVE_MS = 3000   # ms to resolve one announced service
+NODE_DOWN_SECONDS = 5.0      # s a FleetClient routes around a node that failed to answer
+
+# ------------------------------------------------------------------------------------------------ ops/
+METRICS_HOST = "127.0.0.1"   # the Prometheus endpoint listens on loopback unless configured
+MAX_HTTP_CONNECTIONS = 16    # concurrent scrapes; more are closed at once
+HTTP_TIMEOUT_SECONDS = 5.0   # s to send the request head, and to take the response
+HTTP_HEAD_BYTES = 8192       # bytes of a scrape's request head
+# request latency histogram buckets (s): 100 µs .. 2.5 s
+LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)

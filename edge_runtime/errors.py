@@ -1,4 +1,4 @@
-"""edgerec's exceptions. Each also derives from the builtin a caller would catch (ValueError, RuntimeError).
+"""Every error type of the node. Each also derives from the builtin a caller would catch (ValueError, RuntimeError).
 
 Errors that reach a client travel as MessagePack-RPC error objects ``{"code": int, "name": str, "message": str}``;
 the codes follow JSON-RPC 2.0's reserved range where one fits, so existing tooling reads them.
@@ -77,3 +77,26 @@ class SignatureError(BundleError):
 
 class SyncError(RuntimeError, EdgeRuntimeError):
     """Model sync failed (registry unreachable, transfer or verification failure); the node keeps serving."""
+
+
+class SwapError(RuntimeError, EdgeRuntimeError):
+    """A model failed its check on the served path and was not (or no longer) served; the previous model is."""
+
+
+class ConfigError(ValueError, EdgeRuntimeError):
+    """An invalid configuration value or an unknown key; the message names it (``section.key``)."""
+
+
+class RpcError(EdgeRuntimeError):
+    """An error reply received by a client: ``code`` (int), ``name`` (str), ``message`` (str) of the peer's
+    error object."""
+
+    def __init__(self, error):
+        if isinstance(error, dict):
+            self.code, self.name, self.message = error.get("code"), error.get("name"), error.get("message")
+        else:
+            self.code, self.name, self.message = None, None, str(error)
+        super().__init__(f"[{self.code}] {self.name}: {self.message}")
+
+    def to_wire(self) -> dict:
+        return {"code": self.code, "name": self.name, "message": self.message}

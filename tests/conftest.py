@@ -38,7 +38,7 @@ def tiny_bundle(tmp_path_factory, beauty_subset) -> Path:
     """A real bundle: 8 epochs of SASRec (d=32, full cross-entropy) on the Beauty subset, exported, int8-quantized,
     evaluated."""
     from trainer.config import TrainConfig
-    from trainer.train import run
+    from trainer.pipeline import run
 
     out = tmp_path_factory.mktemp("bundle") / "b"
     cfg = TrainConfig(data=str(beauty_subset), hidden=32, blocks=1, epochs=8, patience=8, batch_size=256,
@@ -55,7 +55,7 @@ def tiny_manifest(tiny_bundle) -> dict:
 @pytest.fixture(scope="module")
 def daemon(tiny_bundle):
     """(process, port) of `edgerec serve` on the tiny bundle; stopped with SIGTERM after the module."""
-    from edge_runtime.process import free_port, start_daemon, stop_daemon
+    from edgerec.process import free_port, start_daemon, stop_daemon
 
     port = free_port()
     proc = start_daemon(tiny_bundle, port)

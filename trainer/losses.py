@@ -1,4 +1,7 @@
-"""Full-softmax cross-entropy over the whole item catalog without materializing the [P, N] logits.
+"""The training losses over target positions: the full softmax (``full_softmax_ce``) and the sampled softmax
+(``sampled_softmax_logits``), and ``sequence_loss``, which applies either to a model's outputs.
+
+Full-softmax cross-entropy over the whole item catalog without materializing the [P, N] logits:
 
 Training SASRec+ with the full softmax (Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really
 better than SASRec?", RecSys 2023) scores every target position against every item. On a CPU the plain
@@ -12,6 +15,7 @@ written with torch ops.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Elements of the reused [P, chunk] logits buffer (4 MB of float32; 1 M was the fastest of 0.25 / 0.5 / 1 / 2 / 3 / 8 M
 # on a 2-core EPYC). The chunk of items scored at once is ELEMENTS // P, at least MIN_CHUNK items, so every matmul
@@ -87,3 +91,49 @@ def full_softmax_ce(h: torch.Tensor, items: torch.Tensor, target: torch.Tensor, 
     lse = _ChunkedLogSumExp.apply(h, items, elements)
     per_row = lse - (h * items[target]).sum(dim=1)
     return per_row.mean() if reduction == "mean" else per_row.sum()
+
+
+def sampled_softmax_logits(h: torch.Tensor, y: torch.Tensor, items: torch.Tensor, num_negatives: int,
+                           negatives: str = "shared") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled softmax (SASRec+) with uniform negatives, shared by the batch (``negatives = "shared"``) or drawn per
+    target position (``"per_position"``, as RecTools); accidental hits are masked out.
+
+    Args:
+        h: float [P, D] hidden states at the target positions. y: int64 [P] target item rows. items: float [N, D].
+    Returns:
+        logits float [P, 1 + K] (the target first) and labels int64 [P] (zeros).
+    """
+    pos_logit = (h * items[y]).sum(-1, keepdim=True)                   # [P 1]
+    if negatives == "per_position":
+        neg = torch.randint(0, items.shape[0], (len(y), num_negatives), device=h.device)   # [P K]
+        neg_logit = torch.bmm(items[neg], h.unsqueeze(-1)).squeeze(-1)                    # [P K]
+        neg_logit = neg_logit.masked_fill(neg == y[:, None], float("-inf"))
+    else:
+        neg = torch.randint(0, items.shape[0], (num_negatives,), device=h.device)
+        neg_logit = F.linear(h, items[neg]).masked_fill(neg[None, :] == y[:, None], float("-inf"))  # [P K]
+    return torch.cat([pos_logit, neg_logit], dim=1), torch.zeros(len(y), dtype=torch.long, device=h.device)
+
+
+def sequence_loss(model: torch.nn.Module, inp: torch.Tensor, tgt: torch.Tensor, loss: str = "ce",
+                  num_negatives: int = 0, negatives: str = "shared", denom: float | None = None) -> torch.Tensor:
+    """Cross-entropy over the target positions (``tgt > 0``) of a SASRec / BERT4Rec batch: ``loss = "ce"`` the full
+    softmax, ``"sampled_ce"`` the sampled one. Mean, or sum / ``denom`` (data-parallel training passes the global
+    target count / world size, so averaging the ranks' gradients gives the single-process gradient).
+
+    Args:
+        model: has ``encode(inp) -> [B, L, D]`` and ``item_embeddings() -> [N, D]``.
+        inp / tgt: int64 [B, L] tokens (0 = pad) and target tokens (item row + 1, 0 = no target).
+    Returns:
+        a scalar loss tensor.
+    """
+    h = model.encode(inp)                  # [B L D]
+    mask = tgt > 0
+    h, y = h[mask], tgt[mask] - 1          # [P D], [P] item rows
+    items = model.item_embeddings()        # [N D]
+    reduction = "mean" if denom is None else "sum"
+    if loss == "ce":
+        # the full softmax over all N items, chunked so the [P N] logits never exist at once
+        out = full_softmax_ce(h, items, y, reduction=reduction)
+    else:
+        out = F.cross_entropy(*sampled_softmax_logits(h, y, items, num_negatives, negatives), reduction=reduction)
+    return out if denom is None else out / denom

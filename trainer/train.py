@@ -1,9 +1,6 @@
-"""Training loop: SASRec or BERT4Rec with softmax cross-entropy, early stopping on validation NDCG@10, then export.
-
-``run(cfg, out_dir)`` is what ``edgerec train`` does: read data -> leave-one-out split -> train (tqdm progress,
-early stopping on validation NDCG@10) -> test HR@10 / NDCG@10 of the PyTorch model -> ONNX export -> int8
-quantization -> test metrics of the int8 encoder with the int8 item matrix (the served edge path) -> fp32 / int8
-top-10 agreement -> signed-off bundle in ``out_dir``.
+"""The training loop: SASRec or BERT4Rec with softmax cross-entropy (``losses.py``), early stopping on validation
+NDCG@10 (leave-one-out, ``evaluate.py``), data-parallel under torchrun (``distributed.py``). What comes before and
+after (data, export, bundle) is ``pipeline.py``.
 """
 from __future__ import annotations
 
@@ -15,14 +12,19 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
+
+from edge_runtime.bundle.writer import attribute_csr
 
 from . import data as data_mod
 from .config import TrainConfig
+from .distributed import broadcast_flag, distributed
 from .evaluate import LOOSplit, evaluate, loo_split, pad_left
-from .losses import full_softmax_ce
+from .losses import sequence_loss
 from .model import BERT4Rec, SASRec, build_model
+from .scorers import torch_score_fn
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +55,10 @@ def training_windows(train_seqs, max_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def attribute_codes(item_attributes: list[list[str]]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-item attribute lists -> (indptr int64 [N + 1], codes int64 [nnz], number of distinct values)."""
-    indptr = np.zeros(len(item_attributes) + 1, dtype=np.int64)
-    np.cumsum([len(a) for a in item_attributes], out=indptr[1:])
-    names: dict[str, int] = {}
-    codes = np.fromiter((names.setdefault(v, len(names)) for a in item_attributes for v in a), dtype=np.int64,
-                        count=int(indptr[-1]))
-    return indptr, codes, len(names)
-
-
-def torch_score_fn(model: SASRec, device: str = "cpu"):
-    """score_fn for trainer.evaluate: tokens [B, L] -> float32 [B, N] scores of the PyTorch model."""
-
-    @torch.no_grad()
-    def fn(seq: np.ndarray) -> np.ndarray:
-        model.eval()
-        u = model(torch.from_numpy(seq).to(device))
-        return (u @ model.item_embeddings().T).float().cpu().numpy()
-
-    return fn
+    """Per-item attribute lists -> (indptr int64 [N + 1], codes int64 [nnz], number of distinct values): the
+    bundle's CSR (``edge_runtime.bundle.writer.attribute_csr``), as the model's side information takes it."""
+    indptr, codes, names = attribute_csr(item_attributes)
+    return indptr, codes.astype(np.int64), len(names)
 
 
 def training_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
@@ -99,36 +86,6 @@ def training_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Genera
     return batches
 
 
-def _loss(model: SASRec, inp: torch.Tensor, tgt: torch.Tensor, cfg: TrainConfig, denom: float | None = None):
-    """Cross-entropy over the target positions: mean, or sum / ``denom`` (data-parallel training passes the
-    global target count / world size, so averaging the ranks' gradients gives the single-process gradient)."""
-    h = model.encode(inp)                  # [B L D]
-    mask = tgt > 0
-    h, y = h[mask], tgt[mask] - 1          # [P D], [P] item rows
-    items = model.item_embeddings()        # [N D]
-    reduction = "mean" if denom is None else "sum"
-    if cfg.loss == "ce":
-        # the full softmax over all N items, chunked so the [P N] logits never exist at once (trainer.losses)
-        loss = full_softmax_ce(h, items, y, reduction=reduction)
-    else:
-        loss = F.cross_entropy(*_sampled_logits(h, y, items, cfg), reduction=reduction)
-    return loss if denom is None else loss / denom
-
-
-def _sampled_logits(h: torch.Tensor, y: torch.Tensor, items: torch.Tensor, cfg: TrainConfig):
-    """Sampled softmax (SASRec+) with uniform negatives, shared by the batch or drawn per target position
-    (RecTools); accidental hits are masked out. Returns logits [P 1+K] (the target first) and labels [P] (zeros)."""
-    pos_logit = (h * items[y]).sum(-1, keepdim=True)                   # [P 1]
-    if cfg.negatives == "per_position":
-        neg = torch.randint(0, items.shape[0], (len(y), cfg.num_negatives), device=h.device)   # [P K]
-        neg_logit = torch.bmm(items[neg], h.unsqueeze(-1)).squeeze(-1)                        # [P K]
-        neg_logit = neg_logit.masked_fill(neg == y[:, None], float("-inf"))
-    else:
-        neg = torch.randint(0, items.shape[0], (cfg.num_negatives,), device=h.device)
-        neg_logit = F.linear(h, items[neg]).masked_fill(neg[None, :] == y[:, None], float("-inf"))  # [P K]
-    return torch.cat([pos_logit, neg_logit], dim=1), torch.zeros(len(y), dtype=torch.long, device=h.device)
-
-
 class _LossModule(torch.nn.Module):
     """The loss as a module's forward, so DistributedDataParallel sees the call it synchronizes gradients for."""
 
@@ -137,21 +94,8 @@ class _LossModule(torch.nn.Module):
         self.model, self.cfg = model, cfg
 
     def forward(self, inp: torch.Tensor, tgt: torch.Tensor, denom: torch.Tensor | None = None) -> torch.Tensor:
-        return _loss(self.model, inp, tgt, self.cfg, None if denom is None else float(denom))
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size); initializes torch.distributed when run under torchrun (WORLD_SIZE > 1): gloo on CPU,
-    nccl on CUDA. Single process: (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("EDGEREC_DDP_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
+        return sequence_loss(self.model, inp, tgt, self.cfg.loss, self.cfg.num_negatives, self.cfg.negatives,
+                             None if denom is None else float(denom))
 
 
 def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) -> TrainResult:
@@ -187,16 +131,12 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
     step = _LossModule(model, cfg)
     if world > 1:
         # Every rank holds the same model (same seed) and walks the same batches; each takes its slice of a batch.
-        from torch.nn.parallel import DistributedDataParallel
-
         step = DistributedDataParallel(step)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     # Exponential moving average of the weights (Polyak averaging; torch.optim.swa_utils): validation, early
     # stopping and the exported model use the average, which is smoother than the last step's weights.
     ema = None
     if cfg.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     evaluated = ema.module if ema is not None else model
     gen = np.random.default_rng(cfg.seed)
@@ -249,46 +189,10 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
             log.info("time budget of %.0f s reached after epoch %d", cfg.time_budget_s, epoch)
             stop = True
         if world > 1:  # rank 0 decides (clocks differ between ranks), everyone follows
-            import torch.distributed as dist
-
-            flag = torch.tensor([int(stop)], device=device if device.startswith("cuda") else "cpu")
-            dist.broadcast(flag, src=0)
-            stop = bool(flag.item())
+            stop = broadcast_flag(stop, device)
         if stop:
             break
     bar.close()
     model.load_state_dict(best[2])
     model.eval()
     return TrainResult(model, split, history, best[1], best[3], time.perf_counter() - start)
-
-
-def run(cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True, printer=print) -> dict:
-    """Everything ``edgerec train`` does; returns the bundle manifest. See the module docstring."""
-    from edge_runtime.bundle import check_out_dir
-
-    from .export import build_bundle
-
-    check_out_dir(out_dir)
-    rank, world = distributed()
-    if rank != 0:
-        printer = lambda *a, **k: None  # noqa: E731  (rank 0 reports and writes the bundle)
-    data = data_mod.load(cfg.data, columns=cfg.columns, attributes=cfg.attributes)
-    s = data.summary()
-    printer(f"data: {data.source['path']} ({data.source['format']}): {s['users']} users, {s['items']} items, "
-            f"{s['interactions']} interactions")
-    result = train(cfg, data, progress=progress)
-    printer(f"trained {len(result.history)} epochs in {result.train_seconds:.1f} s; best epoch {result.best_epoch} "
-            f"(valid NDCG@10 {result.valid['NDCG@10']:.4f})")
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        if rank != 0:
-            dist.destroy_process_group()
-            return {}
-    manifest = build_bundle(cfg, data, result, out_dir, printer=printer)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    return manifest

@@ -1,4 +1,4 @@
-// pybind11 module edge_runtime._native: exact top-k with runtime SIMD dispatch. Arrays are checked strictly while
+// pybind11 module edge_runtime.scoring._native: exact top-k with runtime SIMD dispatch. Arrays are checked strictly while
 // holding the GIL (dtype, ndim, shape, C-contiguity: a std::invalid_argument becomes a Python ValueError saying how
 // to fix the input); the scan itself runs with the GIL released, in num_threads threads over item ranges.
 #include <pybind11/numpy.h>
@@ -198,7 +198,7 @@ PYBIND11_MODULE(_native, m) {
     m.def("simd_level", [] { return std::string(edgerec::active().name); },
           "Name of the SIMD level in use: avx512_vnni, avx512, avx2, neon or scalar.");
     m.def("simd_note", [] { std::string n; edgerec::active(&n); return n; },
-          "Why an EDGE_RUNTIME_SIMD request was not honoured ('' if it was, or none was made).");
+          "Why an EDGEREC_SIMD request was not honoured ('' if it was, or none was made).");
     m.def("available_levels", &edgerec::available_levels, "Levels this build has and this CPU/OS supports.");
     m.def("compiled_levels", &edgerec::compiled_levels, "Levels compiled into this build.");
     m.def("topk", &topk, py::arg("queries"), py::arg("items"), py::arg("k"), py::arg("item_scales") = py::none(),

@@ -1,4 +1,5 @@
-// Runtime SIMD dispatch: the best level this CPU *and OS* support, chosen once; EDGE_RUNTIME_SIMD overrides it.
+// Runtime SIMD dispatch: the best level this CPU *and OS* support, chosen once; EDGEREC_SIMD overrides it
+// (the deprecated EDGE_RUNTIME_SIMD too).
 // Compiled with baseline flags only, so it runs on any host of the target architecture.
 #include "dispatch.h"
 
@@ -70,14 +71,19 @@ const Impl kImpls[] = {
 };
 
 const Impl* choose(std::string* note) {
-    const char* forced = std::getenv("EDGE_RUNTIME_SIMD");
+    const char* var = "EDGEREC_SIMD";
+    const char* forced = std::getenv(var);
+    if (!forced || !*forced) {
+        var = "EDGE_RUNTIME_SIMD";  // deprecated spelling (the Python side logs that once)
+        forced = std::getenv(var);
+    }
     if (forced && *forced) {
         for (const Impl& impl : kImpls)
             if (std::strcmp(impl.name, forced) == 0) {
                 if (impl.supported()) return &impl;
-                *note = std::string("EDGE_RUNTIME_SIMD=") + forced + " is not supported by this CPU/OS";
+                *note = std::string(var) + "=" + forced + " is not supported by this CPU/OS";
             }
-        if (note->empty()) *note = std::string("EDGE_RUNTIME_SIMD=") + forced + " is not a level of this build";
+        if (note->empty()) *note = std::string(var) + "=" + forced + " is not a level of this build";
     }
     for (const Impl& impl : kImpls)
         if (impl.supported()) return &impl;

@@ -14,7 +14,7 @@ struct Impl {
     bool (*supported)();
 };
 
-// The level in use (resolved on first call); *note gets why an EDGE_RUNTIME_SIMD request was not honoured, if so.
+// The level in use (resolved on first call); *note gets why an EDGEREC_SIMD request was not honoured, if so.
 const Impl& active(std::string* note = nullptr);
 std::vector<std::string> available_levels();
 std::vector<std::string> compiled_levels();

@@ -5,7 +5,7 @@
 // and includes this file. Vector code uses GCC/Clang vector extensions, which the compiler lowers to the ISA the
 // file is compiled for; the scalar build uses width 1 with auto-vectorization disabled.
 //
-// Semantics shared by every path (and by the Numba / NumPy fallbacks in edge_runtime/scoring.py):
+// Semantics shared by every path (and by the Numba / NumPy fallbacks in edge_runtime/scoring/):
 //   score(q, i) = <q, x_i>                       float32 items
 //               = <q, x_i> * s_i                 int8 items, float32 query (float accumulation)
 //               = ((float)<q8, x_i>) * qs * s_i  int8 items, int8 query with scale qs (exact int accumulation)

@@ -1,7 +1,7 @@
 // C++ check of every compiled SIMD level against the scalar build, with no Python involved (used to run the NEON
 // build under qemu-user on an x86-64 machine). Integer-valued data keeps every sum exact, so results must be
 // bit-identical. Exit status 0 = all levels agree.
-//   cmake -S . -B build -DEDGE_RUNTIME_BUILD_TESTS=ON && cmake --build build && build/test_kernel
+//   cmake -S . -B build -DEDGEREC_BUILD_TESTS=ON && cmake --build build && build/test_kernel
 #include <algorithm>
 #include <cstdio>
 #include <random>

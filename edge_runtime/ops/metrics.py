@@ -1,0 +1,239 @@
+"""Prometheus metrics (the ``prometheus_client`` library; text exposition format 0.0.4) and the ``stats`` RPC.
+
+Counters and latency histograms are updated on the request path (a dict lookup and an add each); everything else
+is read from the service when scraped (``_ServiceCollector``), so an idle daemon does no metrics work. Families:
+
+==========================================  =====================================================================
+``edgerec_requests_total{method}``           requests received, by method
+``edgerec_request_duration_seconds{method}`` histogram of handler time (s), from the frame decoded to the reply
+``edgerec_errors_total{code}``               error replies by msgpack-rpc error code (-32602 bad params, ...)
+``edgerec_cache_hits_total`` / ``_misses``   recommend result cache lookups; ``edgerec_cache_hit_ratio`` (0..1)
+``edgerec_cache_entries`` / ``_items``       cached results and the item ids they hold; ``..._max`` the bounds
+``edgerec_events_tracked_total``             events applied (track / track_batch)
+``edgerec_sessions`` / ``_max``              active shopper sessions and the bound; ``edgerec_session_events_max``
+``edgerec_sessions_evicted_total``           sessions evicted by the LRU bound
+``edgerec_model_info{version,precision}``    1 for the model served; ``edgerec_model_age_seconds`` since its
+                                             ``created_at``; ``edgerec_model_items``
+``edgerec_sync_state{state}``                1 for the sync state (idle, downloading, warming, offline, ...);
+                                             ``edgerec_sync_registry_reachable``; ``edgerec_sync_errors_total``
+``edgerec_scoring_info{path}``               1 for the scoring path in use (``native-avx512_vnni``, ``numba``, ...)
+``process_resident_memory_bytes``            RSS (bytes), with the other ``process_*`` families of
+                                             prometheus_client's ProcessCollector (Linux)
+==========================================  =====================================================================
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import logging
+import time
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
+                               generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .. import const, scoring
+from ..rpc.methods import MethodTable, check_keys
+
+log = logging.getLogger("edgerec")
+
+BUCKETS = const.LATENCY_BUCKETS
+SYNC_STATES = ("starting", "idle", "downloading", "warming", "offline")
+MAX_HTTP_CONNECTIONS = const.MAX_HTTP_CONNECTIONS
+HTTP_TIMEOUT_S = const.HTTP_TIMEOUT_SECONDS
+
+
+def _created_ts(manifest: dict) -> float | None:
+    text = manifest.get("created_at")
+    if not isinstance(text, str):
+        return None
+    try:
+        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class _ServiceCollector:
+    def __init__(self, service, sync=None):
+        self.service, self.sync = service, sync
+
+    def collect(self):
+        s = self.service
+        g = GaugeMetricFamily
+        cache, sessions = s.cache, s.sessions
+        yield CounterMetricFamily("edgerec_cache_hits", "recommend result cache hits", value=cache.hits)
+        yield CounterMetricFamily("edgerec_cache_misses", "recommend result cache misses", value=cache.misses)
+        looked = cache.hits + cache.misses
+        yield g("edgerec_cache_hit_ratio", "cache hits / lookups since start (0 before any lookup)",
+                value=cache.hits / looked if looked else 0.0)
+        yield g("edgerec_cache_entries", "cached recommend results", value=len(cache))
+        yield g("edgerec_cache_entries_max", "bound on cached results (limits.cache_entries)", value=cache.max_entries)
+        yield g("edgerec_cache_items", "item ids held by cached results", value=cache.weight)
+        yield g("edgerec_cache_items_max", "bound on item ids held by the cache (limits.cache_items)",
+                value=cache.max_items)
+        yield CounterMetricFamily("edgerec_events_tracked", "events applied to sessions",
+                                  value=sessions.events_tracked)
+        yield g("edgerec_sessions", "active shopper sessions", value=len(sessions))
+        yield g("edgerec_sessions_max", "bound on sessions (limits.max_sessions)", value=sessions.max_sessions)
+        yield g("edgerec_session_events_max", "events kept per session (limits.session_events)",
+                value=sessions.max_events)
+        yield CounterMetricFamily("edgerec_sessions_evicted", "sessions evicted by the LRU bound",
+                                  value=sessions.evicted)
+        m = s.model
+        info = g("edgerec_model_info", "the model served (1)", labels=["version", "precision"])
+        if m is not None:
+            info.add_metric([m.version, m.precision], 1.0)
+        yield info
+        if m is not None:
+            created = _created_ts(m.manifest)
+            if created is not None:
+                yield g("edgerec_model_age_seconds", "seconds since the served model was created",
+                        value=max(0.0, time.time() - created))
+            yield g("edgerec_model_items", "items in the served catalog", value=m.num_items)
+        path = g("edgerec_scoring_info", "scoring path in use (1)", labels=["path"])
+        path.add_metric([scoring.IMPLEMENTATION], 1.0)
+        yield path
+        sync = self.sync
+        if sync is not None:
+            st = g("edgerec_sync_state", "model sync state (1 for the current one)", labels=["state"])
+            for name in SYNC_STATES:
+                st.add_metric([name], 1.0 if sync.status["state"] == name else 0.0)
+            yield st
+            yield g("edgerec_sync_registry_reachable", "1 if the last registry call succeeded",
+                    value=1.0 if sync.status["registry_reachable"] else 0.0)
+            yield CounterMetricFamily("edgerec_sync_errors", "model sync failures", value=sync.status["errors"])
+
+
+class Metrics:
+    """The node's Prometheus registry (one per service: tests run several in a process); the RPC server's observer
+    (``rpc.server.Observer``).
+
+    Args:
+        service: the node's ``serving.service.Service`` (sessions, cache, model are read when scraped).
+        methods: the method table; requests for other names are counted under ``method="other"``.
+        sync: the node's ``fleet.sync.SyncManager``, or None.
+    """
+
+    def __init__(self, service, methods: MethodTable, sync=None):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("edgerec_requests", "requests received", ["method"], registry=self.registry)
+        self.latency = Histogram("edgerec_request_duration_seconds", "handler time per request (s)", ["method"],
+                                 buckets=BUCKETS, registry=self.registry)
+        self.errors = Counter("edgerec_errors", "error replies by msgpack-rpc code", ["code"],
+                              registry=self.registry)
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_ServiceCollector(service, sync))
+        self._known = methods   # live: methods added later count too
+        self.http = None
+
+    def observe(self, method, seconds: float, code: int | None) -> None:
+        # unknown method names are folded into one label value: a client cannot grow the label set
+        name = method if isinstance(method, str) and method in self._known else "other"
+        self.requests.labels(name).inc()
+        self.latency.labels(name).observe(seconds)
+        if code is not None:
+            self.errors.labels(str(code)).inc()
+
+    def count_error(self, code: int) -> None:
+        """An error that closed a connection before any request could be read (parse error, oversized frame)."""
+        self.errors.labels(str(code)).inc()
+
+    def rpc_stats(self, p: dict) -> dict:
+        """The ``stats {}`` method: ``stats()``."""
+        check_keys(p, (), (), "stats")
+        return self.stats()
+
+    async def serve_http(self, host: str, port: int) -> None:
+        """Prometheus text exposition on http://host:port/metrics, served by the daemon's event loop: at most
+        ``MAX_HTTP_CONNECTIONS`` at once, 5 s to send a request head of at most 8 KiB, one response per connection
+        (prometheus_client renders it: ``generate_latest``)."""
+        self._http_active = 0
+        self.http = await asyncio.start_server(self._handle_http, host, port, limit=const.HTTP_HEAD_BYTES,
+                                               reuse_address=True)
+
+    async def _handle_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._http_active >= MAX_HTTP_CONNECTIONS:
+            writer.close()
+            return
+        self._http_active += 1
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT_S)
+            parts = head.split(b"\r\n", 1)[0].split()
+            if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
+                status, body, ctype = b"405 Method Not Allowed", b"GET /metrics\n", b"text/plain"
+            elif parts[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
+                status, body, ctype = b"404 Not Found", b"GET /metrics\n", b"text/plain"
+            else:
+                status, body, ctype = b"200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                         + (body if parts[:1] != [b"HEAD"] else b""))
+            await asyncio.wait_for(writer.drain(), HTTP_TIMEOUT_S)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
+                ValueError):
+            pass
+        finally:
+            self._http_active -= 1
+            writer.close()
+
+    async def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+
+    def stats(self) -> dict:
+        """The same figures as the endpoint: {family: value} or {family: [{labels..., value}]} (histograms:
+        count, sum, and p50 / p99 estimated from the buckets, in s)."""
+        out: dict = {}
+        for fam in self.registry.collect():
+            if fam.type == "histogram":
+                per: dict = {}
+                for smp in fam.samples:
+                    key = smp.labels.get("method", "")
+                    d = per.setdefault(key, {"buckets": []})
+                    if smp.name.endswith("_count"):
+                        d["count"] = smp.value
+                    elif smp.name.endswith("_sum"):
+                        d["sum"] = smp.value
+                    elif smp.name.endswith("_bucket"):
+                        d["buckets"].append((float(smp.labels["le"]), smp.value))
+                for d in per.values():
+                    d["p50_s"], d["p99_s"] = (_quantile(d["buckets"], q) for q in (0.5, 0.99))
+                    del d["buckets"]
+                out[fam.name] = per
+                continue
+            rows = [s for s in fam.samples if not s.name.endswith("_created")]
+            if len(rows) == 1 and not rows[0].labels:
+                out[rows[0].name] = rows[0].value
+            elif rows:
+                out[fam.name] = [dict(s.labels, value=s.value) for s in rows]
+        return out
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Upper bound of the bucket holding quantile ``q`` (the Prometheus histogram_quantile idea, without
+    interpolation)."""
+    buckets = sorted(buckets)
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    for le, count in buckets:
+        if count >= q * total:
+            return le
+    return None
+
+
+class MetricsEndpoint:
+    """Prometheus /metrics over HTTP on the event loop (``Metrics.serve_http``), a component of
+    ``ops.daemon.Daemon``; off when ``port`` is 0."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int):
+        self.metrics, self.host, self.port = metrics, host, port
+
+    async def start(self, server) -> None:
+        if self.port:
+            await self.metrics.serve_http(self.host, self.port)
+            log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        await self.metrics.close()

@@ -1,0 +1,218 @@
+"""The two server processes, assembled from the rooms below: ``run_node`` (``edgerec serve``) and ``run_registry``
+(``edgerec registry``), each one ``daemon.Daemon``.
+
+Node start-up order: load the model (the newest verified bundle of the state directory, or ``model.bundle``) ->
+serve it through the one swap path (``serving.swap.ModelSwapper``: served-path check, the warm-up) -> bind the
+listeners (or take systemd's sockets) -> start model sync, zeroconf announcements and the metrics endpoint ->
+``READY=1``. SIGHUP re-reads the configuration (settings that need new sockets or threads are reported and kept
+until a restart) and loads the newest bundle through the same swap path; SIGTERM drains and exits 0.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import socket
+from typing import Callable
+
+from .. import scoring
+from ..bundle.signing import load_public_keys, verify_bundle
+from ..config import split_hostport
+from ..errors import BundleError, EdgeRuntimeError
+from ..fleet.announce import NodeAnnouncer, RegistryAnnouncer
+from ..fleet.discovery import Discovery, is_loopback
+from ..fleet.registry import PEER_METHODS, RegistryService, store_methods
+from ..fleet.sync import SyncManager
+from ..serving.memory import limit_blas_threads, limit_malloc_arenas
+from ..serving.model import Model
+from ..serving.service import Service
+from ..serving.swap import ModelSwapper
+from . import logs, systemd
+from .daemon import Daemon, run_listening
+from .metrics import Metrics, MetricsEndpoint
+
+log = logging.getLogger("edgerec")
+
+# settings a SIGHUP cannot change (they hold sockets, threads or files); a change is logged and waits for a restart
+RESTART_ONLY = ("server.host", "server.port", "server.unix", "server.threads", "sync.state_dir", "sync.trusted_keys",
+                "sync.discovery", "sync.node_id", "metrics.host", "metrics.port", "model.precision")
+
+
+def _boot_model(cfg: dict) -> tuple[Model | None, SyncManager | None]:
+    """The model to serve first, and model sync when a state directory is configured.
+
+    Raises:
+        BundleError, ValueError, OSError: no model can be served (the message says why).
+    """
+    syn = cfg["sync"]
+    bundle = cfg["model"]["bundle"] or None
+    if syn["state_dir"]:
+        trusted = load_public_keys(syn["trusted_keys"])
+        sync = SyncManager(None, syn["state_dir"], trusted, precision=cfg["model"]["precision"],
+                           registry=split_hostport(syn["registry"]) if syn["registry"] else None,
+                           channel=syn["channel"], keep=syn["keep"], poll_seconds=syn["poll_seconds"],
+                           max_backoff=syn["max_backoff"])
+        return (sync.adopt(bundle) if bundle else sync.load_newest()), sync
+    if syn["trusted_keys"]:
+        verify_bundle(bundle, load_public_keys(syn["trusted_keys"]))
+    return Model(bundle, precision=cfg["model"]["precision"]), None
+
+
+def wire_sync(service: Service, swapper: ModelSwapper, sync: SyncManager) -> None:
+    """Model sync on a node: installs go through ``swapper``, ``health`` shows the sync state, peers may call
+    ``versions`` / ``manifest`` / ``fetch`` on this node's verified bundles, operators ``rollback``."""
+    sync.swapper = swapper
+    service.sync = sync
+    service.methods.update(store_methods(sync.store), PEER_METHODS)
+    service.methods.add("rollback", sync.rpc_rollback, is_async=True)
+
+
+def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
+    """Run an edge node until SIGTERM; returns the exit status (0 after a clean drain, 2 when it cannot start).
+
+    Args:
+        cfg: the validated configuration (``config.load``).
+        reload_config: called on SIGHUP for the new configuration (raises ``ConfigError`` to refuse it).
+    """
+    limit_malloc_arenas()
+    limit_blas_threads()
+    srv, lim, syn = cfg["server"], cfg["limits"], cfg["sync"]
+    port = None if srv["port"] < 0 else srv["port"]
+    unix = srv["unix"] or None
+    sockets = systemd.listen_fds()
+    if port is None and unix is None and not sockets:
+        log.error("nothing to listen on: set server.port >= 0 or server.unix (or use socket activation)")
+        return 2
+    if not cfg["model"]["bundle"] and not syn["state_dir"]:
+        log.error("no model: set model.bundle (--bundle DIR), or sync.state_dir with sync.trusted_keys to follow a "
+                  "registry")
+        return 2
+    if not syn["state_dir"] and syn["registry"]:
+        log.error("sync.registry needs sync.state_dir (where verified bundles are kept)")
+        return 2
+    try:
+        model, sync = _boot_model(cfg)
+    except (BundleError, ValueError, OSError) as exc:
+        log.error("cannot serve: %s", exc)
+        return 2
+    if model is not None:
+        log.info("loaded bundle %s: model %s, %d items, d=%d, load %.2f s", model.path, model.version,
+                 model.num_items, model.dim, model.load_seconds)
+    else:
+        log.warning("no verified bundle on disk yet: answering health only until the registry delivers one")
+    executor = concurrent.futures.ThreadPoolExecutor(srv["threads"], thread_name_prefix="score")
+    service = Service(None, executor, max_sessions=lim["max_sessions"], session_events=lim["session_events"],
+                      cache_entries=lim["cache_entries"], cache_items=lim["cache_items"])
+    swapper = ModelSwapper(service)
+    methods = service.methods
+    if sync is not None:
+        wire_sync(service, swapper, sync)
+    metrics = Metrics(service, methods, sync)
+    methods.add("stats", metrics.rpc_stats)
+    state = {"cfg": cfg}
+
+    async def reload() -> None:
+        """SIGHUP: new settings where they can change live, then the newest bundle (``Daemon.do_reload`` runs one
+        at a time)."""
+        old = state["cfg"]
+        try:
+            new = reload_config() if reload_config is not None else old
+        except ValueError as exc:
+            log.error("SIGHUP: config rejected, keeping the running one: %s", exc)
+            return
+        for dotted in RESTART_ONLY:
+            sec, key = dotted.split(".")
+            if new[sec][key] != old[sec][key]:
+                log.warning("SIGHUP: %s changed (%r -> %r); it takes effect at the next restart", dotted,
+                            old[sec][key], new[sec][key])
+                new[sec][key] = old[sec][key]
+        logs.setup(new["log"]["level"], new["log"]["format"])
+        log.debug("SIGHUP: effective configuration %s", new)
+        service.sessions.max_events = new["limits"]["session_events"]
+        service.sessions.resize(new["limits"]["max_sessions"])
+        service.cache.resize(new["limits"]["cache_entries"], new["limits"]["cache_items"])
+        state["cfg"] = new
+        if sync is not None:
+            sync.poll_seconds, sync.max_backoff = new["sync"]["poll_seconds"], new["sync"]["max_backoff"]
+            sync.keep, sync.channel = max(2, new["sync"]["keep"]), new["sync"]["channel"]
+            await sync.reload_newest()
+        else:
+            await _reload_bundle(new["model"]["bundle"], new["model"]["precision"])
+
+    async def _reload_bundle(path: str, precision: str) -> None:
+        current = swapper.current
+        async with swapper.lock():
+            try:
+                new_model = await swapper.load(lambda: Model(path, precision=precision))
+            except (BundleError, ValueError, OSError) as exc:
+                log.error("SIGHUP: bundle %s refused, still serving %s: %s", path, current, exc)
+                return
+            if new_model.version == current:
+                log.info("SIGHUP: bundle %s holds the model served (%s)", path, current)
+                return
+            try:
+                await swapper.activate(new_model, "SIGHUP")
+            except EdgeRuntimeError as exc:
+                log.error("SIGHUP: %s", exc)
+
+    async def main() -> None:
+        if model is not None:
+            async with swapper.lock():
+                await swapper.activate(model, "boot")   # the served-path check before anything listens
+            log.info("serving model %s (%s, %d items, scoring: %s)", model.version, model.precision,
+                     model.num_items, scoring.IMPLEMENTATION)
+        note = scoring.simd_note()
+        if note:
+            log.warning("%s; using %s", note, scoring.simd_level())
+        components: list = []
+        discovery = None
+        tcp = port is not None or any(s.family != socket.AF_UNIX for s in sockets)
+        if syn["discovery"] and tcp:
+            discovery = Discovery(loopback_only=is_loopback(srv["host"]))
+            await discovery.start()
+        if sync is not None:
+            sync.discovery = discovery
+            components.append(sync)
+        if discovery is not None:
+            node_id = syn["node_id"] or f"{socket.gethostname()}-{port}"
+            if sync is not None:
+                sync.node_id = node_id
+            ann = NodeAnnouncer(discovery, service, node_id)
+            swapper.on_swap.append(ann.changed)
+            components.append(ann)
+        components.append(MetricsEndpoint(metrics, cfg["metrics"]["host"], cfg["metrics"]["port"]))
+        daemon = Daemon(methods, metrics, host=srv["host"], port=port, unix=unix, sockets=sockets,
+                        components=components, reload=reload, on_shutdown=[lambda: executor.shutdown(wait=True)],
+                        drain_timeout=srv["drain_seconds"],
+                        name="node" if model is not None else "node (no model yet)",
+                        stalled_frame_seconds=srv["stalled_frame_seconds"], idle_seconds=srv["idle_seconds"])
+        try:
+            await daemon.run()
+        finally:
+            if discovery is not None:
+                await discovery.close()
+
+    return run_listening(main)
+
+
+def run_registry(bundles: str | os.PathLike, host: str, port: int, discovery: bool = True,
+                 name: str | None = None) -> int:
+    """Serve the published versions in ``bundles`` (``fleet.registry``) until SIGTERM, announced over zeroconf
+    unless ``discovery`` is False. Returns the exit status (2 when it cannot listen)."""
+    os.makedirs(bundles, exist_ok=True)
+    service = RegistryService(bundles)
+
+    async def main() -> None:
+        components, disc = [], None
+        if discovery:
+            disc = Discovery(loopback_only=is_loopback(host))
+            await disc.start()
+            components.append(RegistryAnnouncer(disc, service, name or f"registry-{socket.gethostname()}-{port}"))
+        try:
+            await Daemon(service.methods, host=host, port=port, components=components, name="registry").run()
+        finally:
+            if disc is not None:
+                await disc.close()
+
+    return run_listening(main)
+

@@ -1,0 +1,481 @@
+"""The MessagePack-RPC server over TCP and Unix sockets (asyncio): framing, dispatch to a ``MethodTable``, replies.
+
+It knows nothing of recommendations: it serves whatever table it is given (the node's, the registry's). The wire
+format is in ``protocol.py``; the process around it (signals, systemd, drain) is ``ops/daemon.py``.
+
+Robustness (every bound is in ``const.py``):
+* one ``msgpack.Unpacker`` per connection; a frame over ``MAX_FRAME_BYTES``, or bytes that are not MessagePack, get
+  an error reply with msgid nil and the connection is closed (the stream cannot be re-synchronized); so does a
+  frame that is not an array at all (the peer does not speak msgpack-rpc);
+* a well-formed array that is not a valid request gets an error reply (with its msgid when one can be read) and the
+  connection stays open; a handler exception becomes an error reply carrying the request's msgid;
+* back-pressure: at most ``MAX_INFLIGHT_PER_CONNECTION`` requests run per connection (further frames wait in the
+  socket, not in memory), and reading stops while the client does not read its replies (transport high-water mark);
+* at most ``MAX_CONNECTIONS`` connections; a frame not complete ``STALLED_FRAME_SECONDS`` after its first byte
+  closes its connection, and so does ``IDLE_SECONDS`` without a byte or a request in flight;
+* a client that half-closes (EOF) still gets the replies to what it sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+import time
+from typing import Any, Protocol
+
+import msgpack
+
+from .. import const
+from ..errors import INTERNAL_ERROR, EdgeRuntimeError, FrameTooLarge, ParseError, ProtocolError
+from .methods import MethodTable
+from .protocol import NOTIFICATION, REQUEST, error_object, is_int, pack_response, params_map, unpacker
+
+log = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    """Per-request accounting (``ops/metrics.py``): the server calls it for every request and every
+    connection-fatal error; None for a server that keeps no metrics."""
+
+    def observe(self, method: Any, seconds: float, code: int | None) -> None: ...
+
+    def count_error(self, code: int) -> None: ...
+
+
+class _NoObserver:
+    def observe(self, method: Any, seconds: float, code: int | None) -> None:
+        pass
+
+    def count_error(self, code: int) -> None:
+        pass
+
+
+class RpcConnection(asyncio.Protocol):
+    """One client connection: framing -> dispatch -> reply. Handlers run as tasks so replies may interleave."""
+
+    def __init__(self, server: "RpcServer"):
+        self.server = server
+        self.methods = server.methods
+        self.observer = server.observer
+        self.transport: asyncio.Transport | None = None
+        self.unpacker = unpacker(server.max_frame_bytes)
+        self.inflight = 0
+        self.reading_paused = False
+        self.write_paused = False
+        self.eof = False
+        self.closed = False
+        self.discarding = False
+        self._stall: asyncio.TimerHandle | None = None
+        self._stall_frame = -1   # stream offset of the frame the stall deadline belongs to
+        self._idle: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        # The Unpacker parses incrementally (max_buffer_size bounds unparsed bytes, not a frame), so the frame size
+        # is tracked here: bytes fed so far minus the stream offset where the current frame started.
+        self.fed = 0
+        self.frame_start = 0
+
+    # -- transport callbacks ---------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if len(self.server.connections) >= self.server.max_connections:
+            log.warning("refusing a connection: %d connections open (limit)", len(self.server.connections))
+            self.closed = True
+            transport.close()
+            return
+        self.server.connections.add(self)
+        self.transport.set_write_buffer_limits(high=const.WRITE_HIGH_WATER_BYTES)
+        self._touch()
+
+    def _touch(self) -> None:
+        """Restart the idle deadline: a connection with nothing in flight and no bytes for IDLE_SECONDS closes."""
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(self.server.idle_seconds, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.closed:
+            return
+        if self.inflight or self.reading_paused:
+            self._touch()
+            return
+        log.info("closing a connection idle for %g s", self.server.idle_seconds)
+        self.closed = True
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for timer in (self._linger, self._stall, self._idle):
+            if timer is not None:
+                timer.cancel()
+        self.server.connections.discard(self)
+
+    # Reading is paused while too many requests run, while the client does not read its replies, or both.
+    def _update_reading(self) -> None:
+        if self.closed or self.transport is None or self.discarding:
+            return
+        want_pause = self.inflight >= self.server.max_inflight or self.write_paused or self.server.draining
+        if want_pause and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+            self._process()  # frames already buffered wait in the unpacker until now
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._update_reading()
+
+    def eof_received(self) -> bool:
+        """Half-close: keep the transport open to answer what was sent; close once nothing is in flight."""
+        self.eof = True
+        self._process()
+        self._close_if_done()
+        return True
+
+    def _close_if_drained(self) -> None:
+        """Draining, every received frame dispatched: once nothing runs, a lingering close (replies flushed, EOF
+        sent, what the client still sends discarded) so the client reads its replies rather than a reset."""
+        if not self.server.draining or self.inflight or self.closed or self.transport is None \
+                or self.discarding:
+            return
+        if self.transport.can_write_eof():
+            self.discarding = True
+            self.unpacker = None
+            self.transport.write_eof()
+            self.transport.resume_reading()
+            self.reading_paused = False
+            self._linger = asyncio.get_running_loop().call_later(const.LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()
+
+    def _close_if_done(self) -> None:
+        if self.eof and self.inflight == 0 and not self.closed and self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.discarding:
+            return
+        self._touch()
+        self.fed += len(data)
+        try:
+            self.unpacker.feed(data)
+        except msgpack.BufferFull:
+            self._fatal(self._too_large())
+            return
+        self._process()
+
+    def _too_large(self) -> FrameTooLarge:
+        return FrameTooLarge(f"frame larger than {self.server.max_frame_bytes} bytes; split the request "
+                             f"(e.g. fewer events per track_batch); closing")
+
+    def _process(self) -> None:
+        """Dispatch buffered frames while the in-flight limit and the client's reading allow it."""
+        limit = self.server.max_frame_bytes
+        while not self.closed and not self.discarding and self.unpacker is not None:
+            if self.server.draining:   # shutting down: read nothing more; frames already received still run
+                self._update_reading()
+                self._cancel_stall_timer()
+            if self.inflight >= self.server.max_inflight or self.write_paused:
+                self._update_reading()
+                self._cancel_stall_timer()  # waiting on us (or on the client reading), not a stalled frame
+                return
+            try:
+                msg = next(self.unpacker)
+            except StopIteration:
+                if self.fed - self.frame_start > limit:
+                    self._fatal(self._too_large())
+                if self.server.draining:
+                    self._close_if_drained()
+                    return
+                break
+            except msgpack.BufferFull:
+                self._fatal(self._too_large())
+                return
+            except ValueError as exc:
+                # msgpack raises ValueError for declared lengths over its limits (derived from the frame limit)
+                if "exceeds" in str(exc):
+                    self._fatal(self._too_large())
+                else:
+                    self._fatal(ParseError(f"bytes are not a valid MessagePack frame ({type(exc).__name__}); "
+                                           f"closing"))
+                return
+            except Exception as exc:  # ExtraData, FormatError, StackError, UnicodeDecodeError, TypeError
+                self._fatal(ParseError(f"bytes are not a valid MessagePack frame ({type(exc).__name__}); closing"))
+                return
+            end = self.unpacker.tell()
+            size, self.frame_start = end - self.frame_start, end
+            if size > limit:
+                self._fatal(self._too_large())
+                return
+            try:
+                self._dispatch(msg)
+            except RecursionError:
+                self._fatal(ProtocolError("message nested too deeply; closing"))
+                return
+        self._arm_stall_timer()
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        self._stall_frame = -1
+
+    def _arm_stall_timer(self) -> None:
+        """A frame must complete within STALLED_FRAME_SECONDS of its first byte, however its bytes trickle in
+        (slow-loris connections are closed); the deadline belongs to the frame, not to the last chunk."""
+        if self.closed or self.fed <= self.frame_start:
+            self._cancel_stall_timer()
+            return
+        if self._stall is not None and self._stall_frame == self.frame_start:
+            return  # same partial frame: keep its deadline
+        self._cancel_stall_timer()
+        self._stall_frame = self.frame_start
+        self._stall = asyncio.get_running_loop().call_later(self.server.stalled_frame_seconds, self._stalled)
+
+    def _stalled(self) -> None:
+        if not self.closed and self.fed > self.frame_start and self._stall_frame == self.frame_start:
+            self._fatal(ProtocolError(f"partial frame stalled for {self.server.stalled_frame_seconds:g} s; closing"))
+
+    # -- dispatch ----------------------------------------------------------------------------------------------
+    def _dispatch(self, msg: Any) -> None:
+        self.server.received += 1
+        if not isinstance(msg, (list, tuple)):
+            self._fatal(ProtocolError(f"a msgpack-rpc message is an array, got {type(msg).__name__}; closing"))
+            return
+        kind = msg[0] if msg and is_int(msg[0]) else None
+        msgid = msg[1] if kind == REQUEST and len(msg) > 1 and is_int(msg[1]) and 0 <= msg[1] <= const.MAX_MSGID \
+            else None
+        if kind == REQUEST and len(msg) == 4 and msgid is not None:
+            self._run(msgid, msg[2], msg[3])
+        elif kind == NOTIFICATION and len(msg) == 3:
+            self._run(None, msg[1], msg[2])
+        else:
+            first = type(msg[0]).__name__ if msg else "nothing"
+            self._reply(msgid, ProtocolError(
+                "expected [0, msgid:uint32, method:str, params:array] or [2, method:str, params:array], "
+                f"got an array of {len(msg)} element(s) starting with {first}").to_wire(), None)
+
+    def _run(self, msgid: int | None, method: Any, params: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            handler, is_async = self.methods.lookup(method)
+            p = params_map(params)
+            if not is_async:
+                result = handler(p)
+                self._finish(msgid, result, None)
+                self.observer.observe(method, time.perf_counter() - t0, None)
+                return
+        except EdgeRuntimeError as exc:
+            self._finish(msgid, None, exc)
+            self.observer.observe(method, time.perf_counter() - t0, exc.code)
+            return
+        except Exception as exc:  # a bug in a handler must not take the connection down
+            log.exception("handler %r failed", method)
+            self._finish(msgid, None, exc)
+            self.observer.observe(method, time.perf_counter() - t0, INTERNAL_ERROR)
+            return
+        task = asyncio.ensure_future(handler(p))
+        self.server.tasks.add(task)
+        self.inflight += 1
+        task.add_done_callback(lambda t, msgid=msgid, method=method: self._task_done(t, msgid, method, t0))
+
+    def _task_done(self, task: asyncio.Task, msgid: int | None, method: str, t0: float) -> None:
+        self.server.tasks.discard(task)
+        self.inflight -= 1
+        code = self._reply_from(task, msgid, method)
+        self.observer.observe(method, time.perf_counter() - t0, code)
+        self._update_reading()
+        if not self.reading_paused or self.server.draining:
+            self._process()
+        self._close_if_done()
+
+    def _reply_from(self, task: asyncio.Task, msgid: int | None, method: str) -> int | None:
+        """Reply with the task's outcome; returns the error code sent, or None."""
+        if task.cancelled():
+            exc = EdgeRuntimeError("request cancelled: the daemon is shutting down")
+            self._finish(msgid, None, exc)
+            return exc.code
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, EdgeRuntimeError):
+            log.error("handler %r failed: %r", method, exc, exc_info=exc)
+        self._finish(msgid, None if exc else task.result(), exc)
+        if exc is None:
+            return None
+        return exc.code if isinstance(exc, EdgeRuntimeError) else INTERNAL_ERROR
+
+    def _finish(self, msgid: int | None, result: Any, exc: BaseException | None) -> None:
+        wire = error_object(exc) if exc is not None else None
+        if msgid is not None:
+            self._reply(msgid, wire, result if exc is None else None)
+
+    def _reply(self, msgid: int | None, error: Any, result: Any) -> None:
+        if self.closed or self.discarding or self.transport is None or self.transport.is_closing():
+            return
+        try:
+            self.transport.write(pack_response(msgid, error, result))
+        except Exception:  # an unserializable result is a bug: report it instead of dropping the reply
+            log.exception("cannot encode reply to msgid %r", msgid)
+            self.transport.write(pack_response(msgid, {"code": INTERNAL_ERROR, "name": "InternalError",
+                                                       "message": "reply could not be encoded"}, None))
+
+    def _fatal(self, exc: EdgeRuntimeError) -> None:
+        """Reply with msgid nil and close: used when the byte stream cannot be trusted any more.
+
+        A lingering close: send the reply and EOF, discard what the client still sends for up to
+        ``const.LINGER_SECONDS``, then close, so the client reads the error instead of a connection reset."""
+        log.info("closing connection: %s", exc)
+        self.observer.count_error(exc.code)   # no request to observe: the stream itself was bad
+        self._reply(None, exc.to_wire(), None)
+        self.discarding = True
+        self.unpacker = None
+        if self.transport is None:
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(const.LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()
+
+
+class RpcServer:
+    """Listeners (TCP and/or Unix) serving one ``MethodTable``, with graceful shutdown.
+
+    Args:
+        methods: the table requests are dispatched to.
+        observer: per-request accounting (``Observer``), or None.
+    """
+
+    def __init__(self, methods: MethodTable, observer: Observer | None = None,
+                 max_frame_bytes: int = const.MAX_FRAME_BYTES,
+                 max_inflight: int = const.MAX_INFLIGHT_PER_CONNECTION, max_connections: int = const.MAX_CONNECTIONS,
+                 stalled_frame_seconds: float = const.STALLED_FRAME_SECONDS,
+                 idle_seconds: float = const.IDLE_SECONDS):
+        self.methods = methods
+        self.observer = observer if observer is not None else _NoObserver()
+        self.max_frame_bytes = max_frame_bytes
+        self.max_inflight = max_inflight
+        self.max_connections = max_connections
+        self.stalled_frame_seconds = stalled_frame_seconds
+        self.idle_seconds = idle_seconds
+        self._unix_inode: int | None = None
+        self.connections: set[RpcConnection] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.addresses: list[str] = []
+        self.received = 0
+        self.draining = False
+
+    async def start(self, host: str | None = const.DEFAULT_HOST, port: int | None = const.DEFAULT_PORT,
+                    unix: str | None = None, sockets: list[socket.socket] | None = None) -> list[str]:
+        """Bind the listeners; returns their addresses (``tcp://host:port``, ``unix:///path``). ``sockets``:
+        listening sockets handed over by systemd socket activation, served instead of binding host / port / unix."""
+        loop = asyncio.get_running_loop()
+        factory = lambda: RpcConnection(self)  # noqa: E731
+        if sockets:
+            for sock in sockets:
+                sock.setblocking(False)
+                if sock.family == socket.AF_UNIX:
+                    srv = await loop.create_unix_server(factory, sock=sock)
+                    self.addresses.append(f"unix://{sock.getsockname()} (socket activation)")
+                else:
+                    srv = await loop.create_server(factory, sock=sock)
+                    addr = sock.getsockname()
+                    self.addresses.append(f"tcp://{addr[0]}:{addr[1]} (socket activation)")
+                self.servers.append(srv)
+            return self.addresses
+        if port is not None:
+            srv = await loop.create_server(factory, host, port, reuse_address=True)
+            self.servers.append(srv)
+            for sock in srv.sockets:
+                addr = sock.getsockname()
+                self.addresses.append(f"tcp://{addr[0]}:{addr[1]}" if sock.family == socket.AF_INET
+                                      else f"tcp://[{addr[0]}]:{addr[1]}")
+        if unix is not None:
+            _remove_stale_socket(unix)
+            srv = await loop.create_unix_server(factory, unix)
+            os.chmod(unix, 0o660)
+            self._unix_inode = os.stat(unix).st_ino
+            self.servers.append(srv)
+            self.addresses.append(f"unix://{unix}")
+        return self.addresses
+
+    @property
+    def tcp_port(self) -> int | None:
+        """The bound TCP port (the one picked when started with port 0), or None without TCP."""
+        for srv in self.servers:
+            for sock in srv.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    return sock.getsockname()[1]
+        return None
+
+    @property
+    def inflight(self) -> int:
+        """Requests running now, over every connection (the load a node announces)."""
+        return sum(c.inflight for c in self.connections)
+
+    async def shutdown(self, timeout: float = const.DRAIN_SECONDS) -> None:
+        """Stop accepting connections and reading requests, let the requests in flight finish (at most ``timeout`` s;
+        each connection closes once its replies are written), then close what is left."""
+        self.draining = True
+        for srv in self.servers:
+            srv.close()
+        for conn in list(self.connections):
+            conn._update_reading()
+            conn._process()
+        deadline = time.monotonic() + timeout
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.wait(list(self.tasks), timeout=max(0.0, deadline - time.monotonic()))
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.sleep(0)
+        # lingering closes: give clients a moment to read their replies and close first (bounded)
+        linger_end = time.monotonic() + min(const.LINGER_SECONDS, max(0.2, deadline - time.monotonic()))
+        while any(c.transport is not None and not c.closed for c in self.connections) \
+                and time.monotonic() < linger_end:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        for srv in self.servers:
+            await srv.wait_closed()
+
+    def remove_unix_socket(self, path: str) -> None:
+        """Unlink our socket file, unless another process has bound the path since."""
+        try:
+            if self._unix_inode is not None and os.stat(path).st_ino == self._unix_inode:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead daemon; refuse one a live daemon still answers on.
+
+    Raises:
+        OSError: the path is a live socket or not a socket.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket; choose another --unix path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: stale
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise OSError(f"another process is listening on {path}; stop it or choose another --unix path")

@@ -1,0 +1,161 @@
+"""A loaded model bundle, ready to serve: the session encoder, the item matrix, the item-id table, the attribute
+index for category filters, the popularity list; and ``check_model``, the one check a model passes before it is
+served.
+
+A ``Model`` is immutable once loaded, so a request that took a reference to it finishes on it even if the daemon
+swaps in another one meanwhile.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .. import const, scoring
+from ..bundle.format import read_arrays
+from ..errors import BundleError
+from .encoder import Encoder
+
+__all__ = ["Encoder", "Model", "check_model"]
+
+
+def check_model(model: "Model") -> float:
+    """The model check every load runs (boot, sync, SIGHUP, rollback): the most popular item's session through the
+    encoder and an exact top-``CHECK_K`` scan must give a user vector float32 [d] that is finite and
+    ``min(CHECK_K, N)`` distinct valid rows with finite scores. The first calls also allocate what later calls
+    reuse (the warm-up). Returns the scan's time in µs.
+
+    Raises:
+        BundleError: the model fails the check (the message names the bundle).
+    """
+    row = int(np.argmax(model.popularity)) if model.num_items else 0
+    try:
+        u = model.encode([row])
+    except Exception as exc:  # onnxruntime raises its own types for a broken graph
+        raise BundleError(f"{model.path}: the encoder fails on a one-item session: {exc}") from None
+    if u.shape != (model.dim,) or not np.all(np.isfinite(u)):
+        raise BundleError(f"{model.path}: encoder returned {u.shape} (expected ({model.dim},)) or non-finite values")
+    k = min(const.CHECK_K, model.num_items)
+    t0 = time.perf_counter()
+    ids, scores = scoring.topk(u, model.items, k, item_scales=model.scales)
+    us = (time.perf_counter() - t0) * 1e6
+    if len(set(ids.tolist())) != k or not np.all(np.isfinite(scores)) or (k and (ids.min() < 0
+                                                                                 or ids.max() >= model.num_items)):
+        raise BundleError(f"{model.path}: the top-{k} scan returns invalid rows or scores")
+    return us
+
+
+class Model:
+    """A verified bundle ready to serve.
+
+    Attributes:
+        version: the manifest's model_version.
+        item_ids: external id (str) by item row; ``index`` maps id -> row.
+        items / scales: the item matrix scanned by ``topk`` (int8 + float32 scales, or float32 with scales None).
+        max_len: the encoder's window L.
+    """
+
+    def __init__(self, bundle_dir: str | os.PathLike, precision: str = "int8", verify: bool = True,
+                 threads: int = 1):
+        """Read the bundle (``bundle.format.read_arrays``; ``verify`` checks every sha256), load the encoder, build
+        the id and attribute indexes, then ``check_model``.
+
+        Raises:
+            ValueError: ``precision`` is not 'int8' or 'fp32'.
+            BundleError: unreadable, inconsistent or altered bundle, or a model that fails its check.
+        """
+        t0 = time.perf_counter()
+        self.path = Path(bundle_dir)
+        arrays = read_arrays(self.path, precision, verify=verify)
+        self.manifest = arrays.manifest
+        self.version = str(self.manifest.get("model_version", "unknown"))
+        self.precision = precision
+        info = self.manifest.get("model", {})
+        self.max_len = int(info.get("max_len", 50))
+        self.items, self.scales = arrays.items, arrays.scales
+        self.item_ids, self.popularity = arrays.item_ids, arrays.popularity
+        self.attr_indptr = arrays.attr_indptr
+        attr_codes, attr_names = arrays.attr_codes, arrays.attr_names
+        n = len(self.item_ids)
+        self.encoder = Encoder(arrays.encoder_path, threads)
+        self.index = {item: row for row, item in enumerate(self.item_ids)}
+        # [N, 1] float32 so the popularity list runs through the same top-k scan (and filters) as model scores.
+        self.popularity_column = np.ascontiguousarray(self.popularity.reshape(-1, 1))
+        self.dim = int(self.items.shape[1])
+        # attribute value -> int64 item rows (an inverted index: a category mask costs O(rows of those values))
+        # Built from integer codes: each value's rows are a view of one int64 array (no per-entry objects, so a
+        # second model loaded beside the first during a hot swap costs little more than its arrays).
+        self.attr_rows: dict[str, np.ndarray] = {}
+        if self.attr_indptr is not None:   # read_arrays checked the table's consistency
+            owners = np.repeat(np.arange(n, dtype=np.int64), np.diff(self.attr_indptr))
+            order = np.argsort(attr_codes, kind="stable")
+            rows_by_value = owners[order]
+            bounds = np.searchsorted(attr_codes[order], np.arange(len(attr_names) + 1))
+            for j, v in enumerate(attr_names):
+                if bounds[j + 1] > bounds[j]:
+                    self.attr_rows[v] = rows_by_value[bounds[j]:bounds[j + 1]]
+        self._attr_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._attr_lock = threading.Lock()
+        self.warmup_us = check_model(self)
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def rows(self, items: Iterable[str]) -> tuple[list[int], list[str]]:
+        """External ids -> (known rows in order, unknown ids in first-seen order, deduplicated). O(len(items))."""
+        known: list[int] = []
+        unknown: dict[str, None] = {}
+        get = self.index.get
+        for it in items:
+            r = get(it)
+            if r is None:
+                unknown[it] = None
+            else:
+                known.append(r)
+        return known, list(unknown)
+
+    def encode(self, rows: Sequence[int]) -> np.ndarray:
+        """Item rows (oldest first, at least one) -> user vector float32 [d] from the last ``max_len`` of them.
+
+        The encoder gets only the real window ([1, l], l <= max_len): it counts positions from the right, so this
+        equals the padded [1, max_len] call and a short session costs a short call."""
+        tail = np.asarray(rows[-self.max_len:], dtype=np.int64) + 1
+        return self.encoder(tail.reshape(1, -1))[0]
+
+    def attribute_mask(self, values: tuple[str, ...]) -> np.ndarray:
+        """Packed allow-bitset of items having any of the attribute ``values`` (LRU-cached per value set)."""
+        with self._attr_lock:
+            hit = self._attr_masks.get(values)
+            if hit is not None:
+                self._attr_masks.move_to_end(values)
+                return hit
+        mask = np.zeros(self.num_items, dtype=bool)
+        for v in values:
+            rows = self.attr_rows.get(v)
+            if rows is not None:
+                mask[rows] = True
+        bits = scoring.pack_mask(mask)
+        with self._attr_lock:
+            self._attr_masks[values] = bits
+            while len(self._attr_masks) > const.ATTRIBUTE_MASK_CACHE:
+                self._attr_masks.popitem(last=False)
+        return bits
+
+    def summary(self) -> dict:
+        m = self.manifest
+        test = m.get("metrics", {}).get("test", {})
+        return {"model_version": self.version, "created_at": m.get("created_at"), "precision": self.precision,
+                "num_items": self.num_items, "dim": self.dim, "max_len": self.max_len,
+                "architecture": m.get("model", {}).get("architecture"),
+                "dataset": {k: m.get("dataset", {}).get(k) for k in ("path", "format", "fingerprint")},
+                "metrics": {name: {k: v for k, v in vals.items() if k in ("HR@10", "NDCG@10")}
+                            for name, vals in test.items()},
+                "has_attributes": self.attr_indptr is not None, "bundle": str(self.path),
+                "files": sorted(m.get("files", {}))}

@@ -1,0 +1,267 @@
+"""The recommender service: one node's state (model, sessions, result cache, availability) and the methods of its
+MessagePack-RPC API.
+
+Handlers never see bytes (that is ``rpc/server.py``'s job), validate with ``rpc/methods.py`` and never raise
+anything but ``EdgeRuntimeError`` subclasses for bad input; the server turns those into msgpack-rpc error objects.
+``ops/node.py`` adds the methods that belong to other rooms (``stats``; with model sync ``rollback``, ``versions``,
+``manifest``, ``fetch``).
+
+Methods (params: one map):
+
+* ``recommend {user?, history?, k=10, exclude_seen=true, filters?}`` -> ``{items, scores, model_version, ignored,
+  source}``. Context = ``history`` (oldest first) then the user's live session. ``source`` is ``"model"`` or
+  ``"popularity"`` (no known item in the context). ``filters``: ``category`` (attribute value or list: keep items
+  having any), ``exclude`` (item ids never to return).
+* ``track {user, item, event: view|cart|purchase, ts?}`` -> ``{ok: true}``; ``track_batch {events: [...]}`` ->
+  ``{ok: true, count}`` (validated as a whole first: one bad event rejects the batch, nothing half-applied).
+* ``set_availability {items: [...], in_stock: bool}`` -> ``{ok: true, out_of_stock}``: out-of-stock items are never
+  recommended (an allow-mask in the scan).
+* ``health`` -> ``{status, model_version, uptime_s, ...}``; ``model_info`` -> the manifest summary.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import time
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .. import const, scoring
+from ..errors import InvalidParams, ModelNotLoadedError, SwapError
+from ..rpc.methods import MethodTable, as_bool, as_id, as_id_list, as_int, as_ts, check_keys, short, type_name
+from .model import Model
+from .session import EVENTS, ResultCache, SessionStore
+
+log = logging.getLogger(__name__)
+
+_ONE = np.ones(1, dtype=np.float32)
+
+
+def as_event(p: dict, where: str) -> tuple[str, str, str, float | None]:
+    """Validate one event map; error messages name ``where`` (e.g. ``events[3]``) and the parameter."""
+    if not isinstance(p, dict):
+        raise InvalidParams(f"{where} must be a map {{user, item, event, ts?}}, got {type_name(p)}")
+    check_keys(p, ("user", "item", "event", "ts"), ("user", "item", "event"), where)
+    prefix = "" if where == "track" else f"{where}."
+    event = p["event"]
+    if not isinstance(event, str) or event not in EVENTS:
+        raise InvalidParams(f"{where}: 'event' must be one of {list(EVENTS)}, got {short(event)}")
+    ts = as_ts(p["ts"], f"{prefix}ts") if p.get("ts") is not None else None
+    return as_id(p["user"], f"{prefix}user"), as_id(p["item"], f"{prefix}item"), event, ts
+
+
+# ---------------------------------------------------------------------------------------------------- service
+class Service:
+    """The daemon's state: current model, sessions, result cache, availability, counters.
+
+    Args:
+        model: the loaded bundle, or None (a node waiting for model sync); swap models with ``swap.ModelSwapper``.
+        executor: threads that run encoder calls and scans (both release the GIL).
+
+    Attributes:
+        methods: the ``MethodTable`` of the API (the RPC server dispatches to it).
+        sync: the node's model sync (``fleet.sync.SyncManager``) when it has one; ``health`` shows its state.
+    """
+
+    def __init__(self, model: Model, executor: concurrent.futures.Executor | None = None,
+                 max_sessions: int = const.MAX_SESSIONS, session_events: int = const.SESSION_EVENTS,
+                 cache_entries: int = const.CACHE_ENTRIES, cache_items: int = const.CACHE_ITEMS):
+        self.model = model
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(const.SCORING_THREADS,
+                                                                          thread_name_prefix="score")
+        self.sessions = SessionStore(max_sessions, session_events)
+        self.cache = ResultCache(cache_entries, cache_items)
+        # Out-of-stock ids (unknown ids kept: a later model may know them), and for the current model a bool mask
+        # updated per change plus its packed snapshot, which requests hand to the scoring threads (never mutated).
+        self.out_of_stock: set[str] = set()
+        self._in_stock = np.ones(model.num_items if model is not None else 0, dtype=bool)
+        self._stock_bits: np.ndarray | None = None
+        self.sync = None
+        self._stock_version = 0
+        self.started = time.time()
+        self.methods = MethodTable({
+            "recommend": (self.recommend, True),
+            "track": (self.track, False),
+            "track_batch": (self.track_batch, False),
+            "set_availability": (self.set_availability, False),
+            "health": (self.health, False),
+            "model_info": (self.model_info, False),
+        })
+
+    async def served_check(self, model: Model) -> None:
+        """One request through the served path (parameter checks, a scoring thread, encoder, scan, reply) for the
+        most popular item's session: the reply must come from ``model``, hold at least one item unless nothing is
+        in stock (an encoder that returns NaN scores every item out), and only finite scores. Run after every swap
+        (``swap.ModelSwapper``); the first real request then finds threads, ONNX session and kernel warm.
+
+        Raises:
+            SwapError: the reply is not from ``model``, is empty, or has non-finite scores.
+        """
+        row = int(np.argmax(model.popularity))
+        res = await self.recommend({"history": [model.item_ids[row]], "k": const.CHECK_K, "exclude_seen": False})
+        empty = not res["items"] and bool(np.any(self._in_stock)) and self.model is model
+        if res["model_version"] != model.version or empty or not np.all(np.isfinite(res["scores"])):
+            raise SwapError(f"served-path check got model {res['model_version']}, {len(res['items'])} items, "
+                            f"scores {res['scores'][:3]}")
+
+    def swap_model(self, model: Model | None) -> None:
+        """Serve ``model`` (None: no model) from now on; requests already running finish on the model they started
+        with. Use ``swap.ModelSwapper.activate``, which checks the served path and rolls back."""
+        old, self.model = self.model, model
+        n = model.num_items if model is not None else 0
+        self._in_stock = np.ones(n, dtype=bool)
+        if model is not None:
+            self._in_stock[model.rows(self.out_of_stock)[0]] = False
+        self._stock_bits = scoring.pack_mask(self._in_stock) if self.out_of_stock and model is not None else None
+        self.cache.clear()
+        log.info("model %s -> %s", old.version if old else None, model.version if model else None)
+
+    # -- recommend -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _allow_mask(model: Model, categories: tuple[str, ...] | None, stock_bits: np.ndarray | None):
+        """Packed allow-bitset: in stock AND (any of ``categories`` when given); None when everything passes.
+        Runs in a scoring thread (a category mask is cached per value set by the model)."""
+        mask = stock_bits
+        if categories is not None:
+            cat = model.attribute_mask(categories)
+            mask = cat if mask is None else np.bitwise_and(mask, cat)
+        return mask
+
+    @staticmethod
+    def _parse_filters(f: Any, model: Model) -> tuple[tuple[str, ...] | None, list[str]]:
+        if f is None:
+            return None, []
+        if not isinstance(f, dict):
+            raise InvalidParams(f"'filters' must be a map, got {type_name(f)}")
+        check_keys(f, ("category", "exclude"), (), "filters")
+        categories = None
+        if "category" in f:
+            c = f["category"]
+            if c is None:
+                raise InvalidParams("'filters.category' must be a category id or an array of them, got nil")
+            values = c if isinstance(c, (list, tuple)) else [c]
+            if not values:
+                raise InvalidParams("'filters.category' must name at least one category")
+            categories = tuple(sorted(set(as_id_list(values, "filters.category", const.MAX_FILTER_VALUES))))
+            if model.attr_indptr is None:
+                raise InvalidParams("'filters.category': the loaded model has no item attributes")
+        exclude = as_id_list(f.get("exclude", []), "filters.exclude", const.MAX_HISTORY_IDS)
+        return categories, exclude
+
+    async def recommend(self, p: dict) -> dict:
+        check_keys(p, ("user", "history", "k", "exclude_seen", "filters"), (), "recommend")
+        user = as_id(p["user"], "user") if p.get("user") is not None else None
+        history = as_id_list(p["history"], "history", const.MAX_HISTORY_IDS) if p.get("history") is not None else None
+        k = as_int(p.get("k", 10), "k", 1, const.MAX_K)
+        exclude_seen = as_bool(p.get("exclude_seen", True), "exclude_seen")
+        model = self.model
+        if model is None:
+            raise ModelNotLoadedError("no model is loaded")
+        categories, exclude_ids = self._parse_filters(p.get("filters"), model)
+        session = self.sessions.get(user) if user is not None else None
+        cache_key = None
+        if user is not None and history is None:
+            # fixed-size key whatever the filters hold
+            cache_key = hashlib.blake2b(msgpack.packb([k, exclude_seen, categories, exclude_ids,
+                                                       self._stock_version]), digest_size=16).digest()
+            hit = self.cache.get(user, cache_key, session.version if session else 0, model.version)
+            if hit is not None:
+                return hit
+        context = (history or []) + (session.items() if session is not None else [])
+        rows, ignored = model.rows(context)
+        excl_rows, _ = model.rows(exclude_ids)
+        if exclude_seen:
+            excl_rows = excl_rows + rows
+        stock_bits = self._stock_bits
+        loop = asyncio.get_running_loop()
+        ids, scores = await loop.run_in_executor(self.executor, self._score, model, rows, k, excl_rows, categories,
+                                                 stock_bits)
+        result = {"items": [model.item_ids[i] for i in ids], "scores": scores.tolist(),
+                  "model_version": model.version, "ignored": ignored,
+                  "source": "model" if rows else "popularity"}
+        if cache_key is not None:
+            # Only cache if no event arrived for this user while scoring ran.
+            now = self.sessions.get(user)
+            if (now.version if now else 0) == (session.version if session else 0):
+                self.cache.put(user, cache_key, now.version if now else 0, model.version, result)
+        return result
+
+    # -- events ----------------------------------------------------------------------------------------------
+    def _apply(self, user: str, item: str, event: str, ts: float | None) -> None:
+        m = self.model
+        row = m.index.get(item) if m is not None else None
+        if row is not None:
+            item = m.item_ids[row]  # share the model's string instead of keeping a copy per event
+        self.sessions.track(user, item, event, ts)
+        self.cache.invalidate(user)
+
+    def track(self, p: dict) -> dict:
+        user, item, event, ts = as_event(p, "track")
+        self._apply(user, item, event, ts)
+        return {"ok": True}
+
+    def track_batch(self, p: dict) -> dict:
+        check_keys(p, ("events",), ("events",), "track_batch")
+        events = p["events"]
+        if not isinstance(events, (list, tuple)):
+            raise InvalidParams(f"'events' must be an array of {{user, item, event, ts?}}, got {type_name(events)}")
+        if len(events) > const.MAX_BATCH_EVENTS:
+            raise InvalidParams(f"'events' holds {len(events)} events; at most {const.MAX_BATCH_EVENTS} per batch")
+        parsed = [as_event(e, f"events[{i}]") for i, e in enumerate(events)]
+        for ev in parsed:
+            self._apply(*ev)
+        return {"ok": True, "count": len(parsed)}
+
+    def set_availability(self, p: dict) -> dict:
+        check_keys(p, ("items", "in_stock"), ("items", "in_stock"), "set_availability")
+        items = as_id_list(p["items"], "items", const.MAX_BATCH_EVENTS)
+        in_stock = as_bool(p["in_stock"], "in_stock")
+        if in_stock:
+            self.out_of_stock.difference_update(items)
+        else:
+            new = set(items) - self.out_of_stock
+            if len(self.out_of_stock) + len(new) > const.MAX_OUT_OF_STOCK:
+                raise InvalidParams(f"at most {const.MAX_OUT_OF_STOCK} items can be out of stock at once")
+            self.out_of_stock.update(new)
+        if self.model is not None:
+            rows, _ = self.model.rows(items)   # O(len(items)): only the changed rows are touched
+            self._in_stock[rows] = in_stock
+        # a new snapshot object (O(N / 8) bytes): scoring threads keep using the one they were given
+        self._stock_bits = scoring.pack_mask(self._in_stock) if self.out_of_stock else None
+        self._stock_version += 1
+        return {"ok": True, "out_of_stock": len(self.out_of_stock)}
+
+    # -- introspection ---------------------------------------------------------------------------------------
+    def health(self, p: dict) -> dict:
+        check_keys(p, (), (), "health")
+        m = self.model
+        out = {"status": "ok" if m is not None else "no_model", "model_version": m.version if m else None,
+               "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions),
+               "cache_entries": len(self.cache), "scoring": scoring.IMPLEMENTATION,
+               "precision": m.precision if m else None}
+        if self.sync is not None:
+            out["sync"] = self.sync.health()
+            out["offline"] = out["sync"]["registry_reachable"] is False
+        return out
+
+    def _score(self, model: Model, rows: list[int], k: int, exclude: list[int], categories, stock_bits):
+        """Filters + encoder + exact top-k scan (runs in a scoring thread). No known context -> the popularity list
+        through the same scan, so filters apply to it too."""
+        allow = self._allow_mask(model, categories, stock_bits)
+        excl = np.asarray(exclude, dtype=np.int64) if exclude else None
+        if rows:
+            u = model.encode(rows)
+            return scoring.topk(u, model.items, k, item_scales=model.scales, exclude=excl, allow=allow)
+        return scoring.topk(_ONE, model.popularity_column, k, exclude=excl, allow=allow)
+
+    def model_info(self, p: dict) -> dict:
+        check_keys(p, (), (), "model_info")
+        if self.model is None:
+            raise ModelNotLoadedError("no model is loaded")
+        return self.model.summary()
+
+

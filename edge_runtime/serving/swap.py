@@ -1,0 +1,83 @@
+"""The one path by which a model starts being served, whichever way it arrives: at boot, from model sync, on
+SIGHUP, by rollback.
+
+1. load (``Model``: read + verify the bundle, load the encoder, ``check_model``), in a worker thread, beside the
+   model being served;
+2. swap it in atomically (``Service.swap_model``: requests in flight finish on the old model, new ones get the new
+   one);
+3. the served check: one request through the served path (``Service.served_check``: a scoring thread, the encoder,
+   the scan, the reply shape); if it fails, the previous model is swapped back and ``SwapError`` raised;
+4. drop the old model and hand its memory back to the OS (``memory.release_memory``);
+5. tell the listeners (``on_swap``: the zeroconf announcement of the version served).
+
+Every model change holds ``lock()``, so a sync install, a rollback and a reload never interleave.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from ..errors import SwapError
+from .memory import release_memory
+from .model import Model
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+
+class ModelSwapper:
+    """Swaps models into one ``Service``; see the module docstring.
+
+    Attributes:
+        service: the service whose model is swapped.
+        on_swap: callables(version: str) run after every successful swap.
+    """
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.on_swap: list[Callable[[str], None]] = []
+        self._lock: asyncio.Lock | None = None
+
+    @property
+    def current(self) -> str | None:
+        """The version served now, or None."""
+        m = self.service.model
+        return m.version if m is not None else None
+
+    def lock(self) -> asyncio.Lock:
+        """The lock every model change holds (created on the event loop's first use)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    async def load(self, loader: Callable[[], Model]) -> Model:
+        """Run ``loader`` (e.g. ``lambda: Model(path)``) in a worker thread, after handing freed memory back (a
+        transfer's buffers must not stack on the new model's peak).
+
+        Raises:
+            whatever ``loader`` raises (BundleError for a bad bundle or a failed model check).
+        """
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, release_memory)
+        return await loop.run_in_executor(None, loader)
+
+    async def activate(self, model: Model, reason: str) -> None:
+        """Serve ``model``: swap, served check, rollback on failure, memory release, ``on_swap``.
+
+        Raises:
+            SwapError: the served check failed; the previous model (or none) is served again.
+        """
+        old = self.service.model
+        self.service.swap_model(model)
+        try:
+            await self.service.served_check(model)
+        except Exception as exc:
+            self.service.swap_model(old)
+            raise SwapError(f"model {model.version} failed its served-path check ({reason}), still serving "
+                            f"{old.version if old is not None else 'no model'}: {exc!r}") from exc
+        del old
+        await asyncio.get_running_loop().run_in_executor(None, release_memory)
+        log.info("now serving %s (%s)", model.version, reason)
+        for cb in self.on_swap:
+            cb(model.version)

@@ -1,0 +1,304 @@
+"""The ``edgerec`` command: train, serve, recommend, track, demo; keygen, publish, registry, rollback.
+
+argparse, then one short function per command that calls the room doing the work. Each command imports what it
+runs when it runs: ``train`` and ``demo`` the trainer (PyTorch, the ``[trainer]`` extra), ``serve`` and
+``registry`` the node (ONNX Runtime, zeroconf), ``recommend`` / ``track`` / ``rollback`` only the RPC client; so a
+serving process never loads torch, and a client call never loads the model runtime.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from edge_runtime import __version__, const
+from edge_runtime.errors import BundleError, RpcError
+
+
+def _add_conn(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=const.DEFAULT_HOST, help="daemon host (default %(default)s)")
+    p.add_argument("--port", type=int, default=const.DEFAULT_PORT, help="daemon TCP port (default %(default)s)")
+    p.add_argument("--unix", default=None, help="connect to this Unix socket instead of TCP")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgerec", description="Real-time sequential recommendations on the edge.")
+    ap.add_argument("--version", action="version", version=f"edgerec {__version__}")
+    ap.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train SASRec, export + int8-quantize it, write a bundle")
+    t.add_argument("--data", default=None, help="interaction log (default: embedded Amazon Beauty, S3-Rec files)")
+    t.add_argument("--columns", default=None,
+                   help="table column roles, e.g. 'user,item,category,event,time' or 'user=session_id,item=item_id'")
+    t.add_argument("--attributes", default=None, help="item attributes JSON {item: [attr, ...]}")
+    t.add_argument("--config", default=None, help="TOML file of training settings ([train] table)")
+    t.add_argument("--out", required=True, help="bundle directory to write (replaced if it holds a bundle)")
+    t.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping may end sooner)")
+    t.add_argument("--patience", type=int, default=None)
+    t.add_argument("--model", choices=["sasrec", "bert4rec"], default=None)
+    t.add_argument("--loss", choices=["ce", "sampled_ce"], default=None)
+    t.add_argument("--side-info", choices=["auto", "none", "attributes"], default=None,
+                   help="item embedding += mean of its attribute embeddings: auto (default) when the data has "
+                        "item attributes")
+    t.add_argument("--hidden", type=int, default=None)
+    t.add_argument("--blocks", type=int, default=None)
+    t.add_argument("--dropout", type=float, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--ema-decay", type=float, default=None,
+                   help="weight moving average used for validation and export (default 0.995; 0 = off)")
+    t.add_argument("--num-negatives", type=int, default=None, help="sampled_ce negatives (default 8192)")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--batching", choices=["bucketed", "random"], default=None,
+                   help="random: plain shuffled batches (default); bucketed: similar-length batches, faster "
+                        "epochs, lower NDCG@10 on Beauty")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
+    t.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("serve", help="run the daemon on a bundle",
+                       description="Settings come from --config FILE (default /etc/edgerec/edgerec.toml when it "
+                                   "exists), then EDGEREC_<SECTION>_<KEY> environment variables, then these flags "
+                                   "(deploy/edgerec.toml documents every key).")
+    s.add_argument("--config", default=None, help="TOML config file")
+    s.add_argument("--bundle", default=None,
+                   help="bundle directory (written by 'edgerec train'); optional with --state-dir")
+    s.add_argument("--host", default=None, help=f"TCP address (default {const.DEFAULT_HOST}, loopback)")
+    s.add_argument("--port", type=int, default=None,
+                   help=f"TCP port (default {const.DEFAULT_PORT}; 0 picks a free one; -1 disables TCP)")
+    s.add_argument("--unix", default=None, help="also listen on this Unix socket path")
+    s.add_argument("--precision", choices=["int8", "fp32"], default=None,
+                   help="encoder and item matrix to serve (default int8)")
+    s.add_argument("--threads", type=int, default=None, help=f"scoring threads (default {const.SCORING_THREADS})")
+    s.add_argument("--max-sessions", type=int, default=None)
+    s.add_argument("--session-events", type=int, default=None)
+    s.add_argument("--cache-entries", type=int, default=None)
+    s.add_argument("--stalled-frame-seconds", type=float, default=None,
+                   help="close a connection whose frame is unfinished this long after its first byte")
+    s.add_argument("--idle-seconds", type=float, default=None,
+                   help="close a connection without traffic for this long")
+    s.add_argument("--drain-seconds", type=float, default=None,
+                   help="on SIGTERM, wait at most this long for requests in flight (default 10)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics on this loopback HTTP port (default 0: off)")
+    s.add_argument("--log-format", choices=["auto", "json", "plain"], default=None,
+                   help="auto (default): plain journald lines under systemd, JSON lines otherwise")
+    g = s.add_argument_group("model sync (registry, signatures, peers)")
+    g.add_argument("--state-dir", default=None,
+                   help="keep verified bundles here and follow the registry (needs --trusted-key)")
+    g.add_argument("--trusted-key", action="append", default=None,
+                   help="Ed25519 public key (PEM) whose signatures are accepted (repeatable)")
+    g.add_argument("--registry", default=None, help="registry HOST:PORT (default: discover it with zeroconf)")
+    g.add_argument("--no-discovery", dest="discovery", action="store_const", const=False, default=None,
+                   help="no zeroconf: neither announce this node nor discover registry and peers")
+    g.add_argument("--node-id", default=None, help="name announced to peers (default HOSTNAME-PORT)")
+    g.add_argument("--channel", default=None, help="registry channel to follow (default stable)")
+    g.add_argument("--keep", type=int, default=None, help="bundle versions kept on disk (default 3)")
+    g.add_argument("--poll-seconds", type=float, default=None,
+                   help="registry poll interval (default 30); backs off up to --max-backoff while unreachable")
+    g.add_argument("--max-backoff", type=float, default=None)
+
+    kg = sub.add_parser("keygen", help="create an Ed25519 key pair for signing bundles")
+    kg.add_argument("--out", required=True, help="writes OUT.key (private, 0600) and OUT.pub (public)")
+
+    pb = sub.add_parser("publish", help="sign a bundle and add it to a registry directory")
+    pb.add_argument("bundle", help="bundle directory")
+    pb.add_argument("--registry", required=True, help="the registry's bundle directory (edgerec registry --bundles)")
+    pb.add_argument("--key", required=True, help="Ed25519 private key (edgerec keygen)")
+    pb.add_argument("--channel", default=const.DEFAULT_CHANNEL)
+    pb.add_argument("--version", dest="model_version", default=None,
+                    help="publish under this version instead of the manifest's model_version")
+
+    rg = sub.add_parser("registry", help="serve published bundles to edge nodes (MessagePack-RPC + zeroconf)")
+    rg.add_argument("--bundles", required=True, help="directory of published versions (edgerec publish)")
+    rg.add_argument("--host", default=const.DEFAULT_HOST)
+    rg.add_argument("--port", type=int, default=const.REGISTRY_PORT, help="TCP port (default %(default)s; 0 picks one)")
+    rg.add_argument("--no-discovery", action="store_true", help="do not announce over zeroconf")
+    rg.add_argument("--name", default=None, help="zeroconf instance name (default registry-HOSTNAME-PORT)")
+
+    rb = sub.add_parser("rollback", help="make a running daemon serve its previous model version")
+    _add_conn(rb)
+
+    r = sub.add_parser("recommend", help="ask a running daemon for recommendations")
+    _add_conn(r)
+    r.add_argument("--user", default=None)
+    r.add_argument("--history", default=None, help="comma-separated item ids, oldest first")
+    r.add_argument("-k", "--k", type=int, default=10)
+    r.add_argument("--include-seen", action="store_true", help="do not exclude the context's items")
+    r.add_argument("--category", action="append", default=None, help="keep items with this attribute (repeatable)")
+    r.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+
+    k = sub.add_parser("track", help="send one event to a running daemon")
+    _add_conn(k)
+    k.add_argument("--user", required=True)
+    k.add_argument("--item", required=True)
+    k.add_argument("--event", choices=["view", "cart", "purchase"], default="view")
+
+    d = sub.add_parser("demo", help="train a small model on the embedded data, serve it, replay real shoppers")
+    d.add_argument("--workdir", default="edgerec-demo", help="where the demo bundle goes (default %(default)s)")
+    d.add_argument("--time-budget", type=float, default=150.0, help="training seconds (default %(default)s)")
+    d.add_argument("--epochs", type=int, default=40)
+    d.add_argument("--shoppers", type=int, default=3)
+    return ap
+
+
+def _train(args) -> int:
+    from trainer.config import TrainConfig
+    from trainer.data import DataError
+    from trainer.pipeline import run
+
+    overrides = dict(data=args.data, columns=args.columns, attributes=args.attributes, epochs=args.epochs,
+                     patience=args.patience, model=args.model, loss=args.loss, side_info=args.side_info,
+                     hidden=args.hidden, blocks=args.blocks,
+                     dropout=args.dropout, lr=args.lr, ema_decay=args.ema_decay,
+                     num_negatives=args.num_negatives, batch_size=args.batch_size, batching=args.batching,
+                     seed=args.seed,
+                     threads=args.threads, device=args.device, time_budget_s=args.time_budget)
+    try:
+        cfg = (TrainConfig.from_toml(args.config, **overrides) if args.config
+               else TrainConfig.from_dict({}, **overrides))
+        run(cfg, args.out, progress=not args.quiet)
+    except (DataError, BundleError, ValueError, OSError) as exc:
+        print(f"edgerec train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _serve_flags(args) -> dict:
+    flags = dict(vars(args))
+    flags["log_level"] = args.log_level if args.log_level_given else None
+    return flags
+
+
+def _serve(args) -> int:
+    from edge_runtime import config as config_mod
+    from edge_runtime.ops import logs
+    from edge_runtime.ops.node import run_node
+
+    try:
+        cfg = config_mod.load(args.config, flags=_serve_flags(args))
+    except config_mod.ConfigError as exc:
+        print(f"edgerec serve: config error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(cfg["log"]["level"], cfg["log"]["format"])
+    return run_node(cfg, reload_config=lambda: config_mod.load(args.config, flags=_serve_flags(args)))
+
+
+def _keygen(args) -> int:
+    from edge_runtime.bundle import signing
+
+    try:
+        priv, pub = signing.keygen(args.out)
+    except OSError as exc:
+        print(f"edgerec keygen: {exc}", file=sys.stderr)
+        return 2
+    print(f"private key: {priv} (keep it on the trainer; mode 0600)\npublic key:  {pub} (give it to edge nodes: "
+          f"--trusted-key {pub})")
+    return 0
+
+
+def _publish(args) -> int:
+    from edge_runtime.bundle.store import publish
+
+    try:
+        version = publish(args.bundle, args.registry, args.key, channel=args.channel, version=args.model_version)
+    except (BundleError, OSError) as exc:
+        print(f"edgerec publish: {exc}", file=sys.stderr)
+        return 2
+    print(f"published {version} (channel {args.channel}) to {args.registry}")
+    return 0
+
+
+def _registry(args) -> int:
+    from edge_runtime.ops.node import run_registry
+
+    return run_registry(args.bundles, args.host, args.port, discovery=not args.no_discovery, name=args.name)
+
+
+def _rollback(args) -> int:
+    try:
+        with _client(args) as c:
+            res = c.call("rollback")
+    except (OSError, RpcError) as exc:
+        print(f"edgerec rollback: {exc}", file=sys.stderr)
+        return 1
+    print(f"rolled back: {res['from']} -> {res['to']}")
+    return 0
+
+
+def _client(args):
+    from edge_runtime.rpc.client import Client
+
+    where = f"unix socket {args.unix}" if args.unix else f"{args.host}:{args.port}"
+    try:
+        return Client(args.host, args.port, unix=args.unix)
+    except OSError as exc:
+        raise OSError(f"cannot reach the daemon at {where}: {exc.strerror or exc}") from None
+
+
+def _recommend(args) -> int:
+    params = {"k": args.k, "exclude_seen": not args.include_seen}
+    if args.user is not None:
+        params["user"] = args.user
+    if args.history:
+        params["history"] = [h.strip() for h in args.history.split(",") if h.strip()]
+    if args.category:
+        params["filters"] = {"category": args.category}
+    try:
+        with _client(args) as c:
+            res = c.call("recommend", **params)
+    except (OSError, RpcError) as exc:
+        print(f"edgerec recommend: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"model {res['model_version']} ({res['source']}):")
+        for rank, (item, score) in enumerate(zip(res["items"], res["scores"]), 1):
+            print(f"  {rank:3d}. {item:<20} {score:9.4f}")
+        if res["ignored"]:
+            print(f"  ignored (unknown to this model): {', '.join(res['ignored'])}")
+    return 0
+
+
+def _track(args) -> int:
+    try:
+        with _client(args) as c:
+            c.call("track", user=args.user, item=args.item, event=args.event)
+    except (OSError, RpcError) as exc:
+        print(f"edgerec track: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: {args.event} of {args.item} by {args.user}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.workdir, time_budget_s=args.time_budget, epochs=args.epochs, shoppers=args.shoppers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.log_level_given = args.log_level is not None
+    args.log_level = args.log_level or os.environ.get("EDGEREC_LOG_LEVEL", "INFO").upper()
+    if args.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        print(f"edgerec: EDGEREC_LOG_LEVEL={args.log_level!r}: must be DEBUG, INFO, WARNING or ERROR",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    # Export / quantization libraries log per-tensor INFO and irrelevant warnings (torchvision ops, HF configs).
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "optimum"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    handler = {"train": _train, "serve": _serve, "recommend": _recommend, "track": _track, "demo": _demo,
+               "keygen": _keygen, "publish": _publish, "registry": _registry, "rollback": _rollback}
+    return handler[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

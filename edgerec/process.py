@@ -1,0 +1,81 @@
+"""Run ``edgerec serve`` (or ``edgerec registry``) as a subprocess on loopback: the demo, the benchmarks and the
+tests start real daemons with it."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from edge_runtime.rpc.client import Client
+
+# `python -m edgerec` puts the working directory first on sys.path; starting the child in the directory that holds
+# the edgerec this process imported makes it run the same code (the installed package, native kernel included,
+# rather than a source checkout that happens to be the working directory).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_daemon(bundle: str | os.PathLike | None, port: int, extra: list[str] | None = None,
+                 timeout: float = 60.0, log_path: str | os.PathLike | None = None,
+                 command: str = "serve", ready: tuple[str, ...] = ("ok",), env: dict | None = None,
+                 pass_fds: tuple = ()) -> subprocess.Popen:
+    """Start ``edgerec serve`` (or another ``command``, e.g. ``registry``) on 127.0.0.1:port as a subprocess and
+    wait until it answers ``health`` with a status in ``ready``.
+
+    ``env``: the child's environment (default: this one's). ``pass_fds``: file descriptors the child inherits.
+    ``bundle`` None: no ``--bundle`` (a node that gets its model from a registry). ``log_path``: the child's stderr
+    goes to this file (long runs: a pipe nobody reads would fill up and block the child); else to a pipe.
+
+    Raises:
+        RuntimeError: the daemon exited or did not answer within ``timeout`` s (its stderr is in the message).
+    """
+    cmd = [sys.executable, "-m", "edgerec", command, "--host", "127.0.0.1", "--port", str(port)]
+    if bundle is not None:
+        cmd += ["--bundle", os.path.abspath(bundle)]
+    cmd += extra or []
+    err = open(log_path, "w") if log_path is not None else subprocess.PIPE
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if log_path else subprocess.PIPE, stderr=err,
+                                text=True, cwd=PACKAGE_ROOT, env=env, pass_fds=pass_fds)
+    finally:
+        if log_path is not None:
+            err.close()
+
+    def stderr() -> str:
+        if log_path is not None:
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()[-4000:]
+        return proc.stderr.read()
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}: {stderr()}")
+        try:
+            with Client("127.0.0.1", port, timeout=2) as c:
+                if c.call("health")["status"] in ready:
+                    return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"daemon did not answer within {timeout} s: {stderr()}")
+
+
+def stop_daemon(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM, wait for a clean exit; returns the exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

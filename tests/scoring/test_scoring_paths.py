@@ -1,0 +1,79 @@
+"""The scoring suite once per SIMD level this CPU has and once per fallback, each in its own process (the level
+is chosen once per process, as faiss tests/test_simd_dispatch.py does)."""
+from __future__ import annotations
+
+from edgerec.process import PACKAGE_ROOT
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_runtime import scoring
+
+HERE = Path(__file__).resolve().parent
+
+
+def levels() -> list[str]:
+    if "native" not in scoring.available_backends():
+        return []
+    from edge_runtime.scoring import _native
+    return list(_native.available_levels())
+
+
+def run_suite(env_extra: dict, expect: str) -> None:
+    env = dict(os.environ, **env_extra)
+    code = "from edge_runtime import scoring; print(scoring.IMPLEMENTATION)"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT)
+    assert got.stdout.strip() == expect
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          str(HERE / "test_scoring.py"), "-k", "not releases_the_gil"],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=PACKAGE_ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
+
+
+@pytest.mark.parametrize("level", levels() or [pytest.param("none", marks=pytest.mark.skip("native not built"))])
+def test_suite_at_simd_level(level):
+    run_suite({"EDGEREC_SIMD": level}, f"native-{level}")
+
+
+def test_suite_without_native_uses_numba():
+    pytest.importorskip("numba")
+    run_suite({"EDGEREC_NO_NATIVE": "1"}, "numba")
+
+
+def test_suite_on_numpy_only():
+    run_suite({"EDGEREC_SCORING": "numpy"}, "numpy")
+
+
+def test_unsupported_level_falls_back_with_a_note():
+    if not levels():
+        pytest.skip("native kernel not built")
+    code = "from edge_runtime.scoring import _native as n; print(n.simd_level(), '|', n.simd_note())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGEREC_SIMD="sse9"),
+                         capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT).stdout
+    level, note = [s.strip() for s in out.split("|")]
+    assert level == levels()[0] and "sse9" in note
+
+
+def test_old_environment_names_still_work_with_a_deprecation_line():
+    if not levels():
+        pytest.skip("native kernel not built")
+    code = "from edge_runtime import scoring; print(scoring.IMPLEMENTATION)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEREC_", "EDGE_RUNTIME_"))}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, EDGE_RUNTIME_SCORING="numpy",
+                                                                EDGE_RUNTIME_SIMD="scalar"),
+                         capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT)
+    assert out.stdout.strip() == "numpy"
+    assert out.stderr.count("EDGE_RUNTIME_SCORING is deprecated; set EDGEREC_SCORING") == 1
+    assert "EDGE_RUNTIME_SIMD is deprecated" in out.stderr
+    native = subprocess.run([sys.executable, "-c", code], env=dict(env, EDGE_RUNTIME_SIMD="scalar"),
+                            capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT)
+    assert native.stdout.strip() == "native-scalar"    # the kernel reads the old name too
+    both = subprocess.run([sys.executable, "-c", code], env=dict(env, EDGEREC_SIMD=levels()[0],
+                                                                 EDGE_RUNTIME_SIMD="scalar"),
+                          capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT)
+    assert both.stdout.strip() == f"native-{levels()[0]}" and "deprecated" not in both.stderr

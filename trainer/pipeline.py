@@ -1,0 +1,121 @@
+"""What ``edgerec train`` does, end to end: data -> train -> export -> evaluate -> bundle.
+
+``run(cfg, out_dir)``: read data -> leave-one-out split -> train (``train.py``: tqdm progress, early stopping on
+validation NDCG@10) -> ONNX export and int8 quantization (``export.py``) -> item matrices, float32 and int8 with
+per-row scales (``edge_runtime.bundle.writer``) -> test HR@10 / NDCG@10 (leave-one-out, full ranking,
+``evaluate.py``) of the PyTorch model, of the fp32 ONNX encoder with the float32 items and of the int8 encoder with
+the int8 items, one user per call as the node serves it -> fp32 / int8 top-10 agreement -> bundle in ``out_dir``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bundle import format as fmt
+from edge_runtime.bundle.writer import check_out_dir, new_model_version, stage_arrays, write_bundle
+from edge_runtime.serving.encoder import Encoder
+
+from . import data as data_mod
+from . import distributed as distributed_mod
+from .config import TrainConfig
+from .evaluate import evaluate, topk_lists, topk_overlap
+from .export import export_onnx, quantize_int8
+from .scorers import onnx_score_fn, torch_score_fn
+from .train import TrainResult, train
+
+
+def run(cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True, printer=print) -> dict:
+    """Everything ``edgerec train`` does; returns the bundle manifest (``{}`` on ranks other than 0). See the module
+    docstring.
+
+    Raises:
+        BundleError: ``out_dir`` exists and is not a bundle (checked before training).
+        DataError: the data cannot be read or has no user to evaluate.
+    """
+    check_out_dir(out_dir)
+    rank, world = distributed_mod.distributed()
+    if rank != 0:
+        printer = lambda *a, **k: None  # noqa: E731  (rank 0 reports and writes the bundle)
+    data = data_mod.load(cfg.data, columns=cfg.columns, attributes=cfg.attributes)
+    s = data.summary()
+    printer(f"data: {data.source['path']} ({data.source['format']}): {s['users']} users, {s['items']} items, "
+            f"{s['interactions']} interactions")
+    result = train(cfg, data, progress=progress)
+    printer(f"trained {len(result.history)} epochs in {result.train_seconds:.1f} s; best epoch {result.best_epoch} "
+            f"(valid NDCG@10 {result.valid['NDCG@10']:.4f})")
+    if world > 1:
+        distributed_mod.barrier()
+        if rank != 0:
+            distributed_mod.shutdown()
+            return {}
+    manifest = build_bundle(cfg, data, result, out_dir, printer=printer)
+    if world > 1:
+        distributed_mod.shutdown()
+    return manifest
+
+
+def build_bundle(cfg: TrainConfig, data: data_mod.Interactions, result: TrainResult, out_dir: str | os.PathLike,
+                 printer=print) -> dict:
+    """Export, quantize, evaluate and write the bundle; returns its manifest."""
+    model, split = result.model, result.split
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir.parent))
+    try:
+        t0 = time.perf_counter()
+        export_onnx(model.folded(), staged / fmt.ENCODER_FP32, cfg.max_len)
+        quantize_int8(staged / fmt.ENCODER_FP32, staged / fmt.ENCODER_INT8)
+        export_s = time.perf_counter() - t0
+        items = model.item_embeddings().detach().cpu().numpy().astype(np.float32)
+        q, scales = stage_arrays(staged, items, data.item_ids, data.popularity(), data.item_attributes)
+        enc32 = Encoder(staged / fmt.ENCODER_FP32)
+        enc8 = Encoder(staged / fmt.ENCODER_INT8)
+        paths = {
+            "pytorch_fp32": torch_score_fn(model),
+            "onnx_fp32": onnx_score_fn(enc32, items),
+            "onnx_int8": onnx_score_fn(enc8, q, scales, per_user=True),   # as served: one user per call
+        }
+        metrics = {name: evaluate(fn, split.test_ctx, split.test_target, cfg.max_len) for name, fn in paths.items()}
+        n_check = min(cfg.int8_check_users, len(split.test_ctx))
+        check = np.random.default_rng(cfg.seed).choice(len(split.test_ctx), n_check, replace=False)
+        ctx = [split.test_ctx[i] for i in check]
+        ref = topk_lists(paths["pytorch_fp32"], ctx, cfg.max_len, 10)
+        overlap = {name: topk_overlap(ref, topk_lists(paths[name], ctx, cfg.max_len, 10))
+                   for name in ("onnx_fp32", "onnx_int8")}
+        f32, i8 = metrics["pytorch_fp32"], metrics["onnx_int8"]
+        rel = (i8["NDCG@10"] - f32["NDCG@10"]) / f32["NDCG@10"] if f32["NDCG@10"] else 0.0
+        printer("test (leave-one-out, full ranking over %d items, %d users):" % (data.num_items, f32["users"]))
+        printer(f"  {'path':<34} {'HR@10':>8} {'NDCG@10':>8} {'HR@20':>8} {'NDCG@20':>8}")
+        labels = {"pytorch_fp32": "fp32 (PyTorch)", "onnx_fp32": "fp32 (ONNX, float32 items)",
+                  "onnx_int8": "int8 (ONNX int8, int8 items)"}
+        for name, m in metrics.items():
+            printer(f"  {labels[name]:<34} {m['HR@10']:8.4f} {m['NDCG@10']:8.4f} {m['HR@20']:8.4f} "
+                    f"{m['NDCG@20']:8.4f}")
+        printer(f"  int8 vs fp32 NDCG@10: {100 * rel:+.2f}% relative; top-10 overlap with PyTorch on {n_check} "
+                f"held-out users: fp32 ONNX {overlap['onnx_fp32']:.3f}, int8 {overlap['onnx_int8']:.3f}")
+        created = _dt.datetime.now(_dt.timezone.utc)
+        manifest = {
+            "model_version": new_model_version(created, data.source.get("fingerprint", "")),
+            "created_at": created.isoformat(timespec="seconds"),
+            "model": {"architecture": type(model).__name__, "num_items": data.num_items, "dim": int(items.shape[1]),
+                      "max_len": cfg.max_len, "encoder_input": "item_seq", "encoder_output": "user_vec"},
+            "training_config": cfg.to_dict(),
+            "dataset": {k: v for k, v in data.source.items()} | {"summary": data.summary()},
+            "metrics": {"test": metrics, "valid_best": result.valid, "best_epoch": result.best_epoch,
+                        "epochs": len(result.history), "train_seconds": round(result.train_seconds, 2),
+                        "export_seconds": round(export_s, 2), "int8_ndcg10_relative_change": rel,
+                        "top10_overlap_vs_pytorch": overlap, "overlap_users": n_check,
+                        "history": result.history},
+        }
+        out = write_bundle(out_dir, staged, manifest)
+        printer(f"bundle {manifest['model_version']} written to {out}")
+        return fmt.load_manifest(out)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
