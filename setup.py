@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -64,8 +64,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["edgerec", "edge_runtime", "edge_runtime.rpc", "edge_runtime.bundle", "edge_runtime.scoring",
-              "edge_runtime.serving", "edge_runtime.fleet", "edge_runtime.ops", "trainer"],
+    packages=find_packages(include=["edgerec", "edge_runtime", "edge_runtime.*", "trainer"]),
     package_data={"trainer": ["datasets/amazon_beauty_s3rec/*"]},
     install_requires=[
         "numpy>=1.24",

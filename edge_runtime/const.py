@@ -68,6 +68,9 @@ SCORING_THREADS = 2          # threads that run encoder + scan; both release the
 MALLOC_ARENAS = 2            # glibc arenas (a model loaded in a worker thread reuses what the loop freed)
 BLAS_THREADS = 1             # per mat-vec: requests already run in parallel scoring threads
 CHECK_K = 10                 # the model / served-path check asks for this many items
+# s: how long a thread may hold the GIL while another waits (CPython's default is 5 ms). The node's writer and
+# scoring threads need it briefly after every commit / scan; 0.5 ms lets them in without starving the loop.
+GIL_SWITCH_SECONDS = 0.0005
 
 # ------------------------------------------------------------------------------------------------ scoring/ (top-k)
 MAX_QUERIES = 4096           # queries per call (the daemon sends 1; benchmarks up to 64)
@@ -105,6 +108,26 @@ NODE_ANNOUNCE_SECONDS = 5.0  # s between a node's zeroconf TXT refreshes (load, 
 REGISTRY_ANNOUNCE_SECONDS = 1.0    # s between the registry's rescans of its bundle directory
 ZEROCONF_RESOLVE_MS = 3000   # ms to resolve one announced service
 NODE_DOWN_SECONDS = 5.0      # s a FleetClient routes around a node that failed to answer
+
+# ------------------------------------------------------------------------------------------------ events/
+EVENT_DB = "events.db"         # the node's event log, in its state directory
+PSEUDONYM_KEY_FILE = "pseudonym.key"   # the HMAC key, in the state directory unless configured elsewhere
+PSEUDONYM_KEY_BYTES = 32       # 256-bit HMAC-SHA256 key
+PSEUDONYM_HEX_CHARS = 32       # pseudonym length: the first 128 bits of the HMAC (collisions: ~2^64 shoppers)
+MAX_EVENT_ID_CHARS = 128       # a client's event id (idempotent retries)
+EVENT_LOG_MAX_BYTES = 1 << 30  # bytes of live rows before oldest-first compaction (1 GiB)
+EVENT_RETENTION_SECONDS = 30 * 86400    # s: events older than this are erased (GDPR storage limitation)
+SESSION_TTL_SECONDS = 7 * 86400         # s: events older than this are not restored into sessions at boot
+COMPACT_EVERY_SECONDS = 60.0   # s between retention / size compactions (also after every COMPACT_EVERY_ROWS)
+COMPACT_EVERY_ROWS = 100_000   # rows inserted between size checks
+COMPACT_FRACTION = 0.1         # of the rows dropped, oldest first, when the size cap is reached
+CHECKPOINT_SECONDS = 0.5       # s between WAL checkpoints (own thread; bounds the WAL to ~0.5 s of events)
+REOPEN_SECONDS = 1.0           # s between attempts to reopen a log that failed (disk full, read-only, gone)
+MAX_WRITE_GROUP = 20_000       # events committed in one transaction at most (group commit)
+ANALYTICS_MINUTES = 60         # minutes of per-minute analytics buckets kept (the last hour)
+ANALYTICS_TOP_ITEMS = 10       # items listed per event type in stats / metrics
+ANALYTICS_ITEMS_PER_MINUTE = 5000   # distinct items counted per minute and type (Misra-Gries bound)
+HLL_BITS = 12                  # HyperLogLog registers 2^12 per minute: ~1.6 % error on distinct shoppers
 
 # ------------------------------------------------------------------------------------------------ ops/
 METRICS_HOST = "127.0.0.1"   # the Prometheus endpoint listens on loopback unless configured

@@ -13,6 +13,7 @@ INTERNAL_ERROR = -32603
 FRAME_TOO_LARGE = -32001  # a frame over const.MAX_FRAME_BYTES (the connection is closed after the reply)
 OVERLOADED = -32002       # too many requests in flight
 MODEL_NOT_LOADED = -32003
+EVENT_LOG_UNAVAILABLE = -32004   # the event log cannot store events now (disk full, read-only); nothing was stored
 
 
 class EdgeRuntimeError(Exception):
@@ -77,6 +78,13 @@ class SignatureError(BundleError):
 
 class SyncError(RuntimeError, EdgeRuntimeError):
     """Model sync failed (registry unreachable, transfer or verification failure); the node keeps serving."""
+
+
+class EventLogUnavailable(RuntimeError, EdgeRuntimeError):
+    """The event log cannot commit events now (disk full, read-only or broken state directory); the events of the
+    request were not stored and not applied. Retry later: the node recovers by itself when the disk does."""
+
+    code = EVENT_LOG_UNAVAILABLE
 
 
 class SwapError(RuntimeError, EdgeRuntimeError):

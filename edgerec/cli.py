@@ -102,8 +102,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="registry poll interval (default 30); backs off up to --max-backoff while unreachable")
     g.add_argument("--max-backoff", type=float, default=None)
 
-    kg = sub.add_parser("keygen", help="create an Ed25519 key pair for signing bundles")
-    kg.add_argument("--out", required=True, help="writes OUT.key (private, 0600) and OUT.pub (public)")
+    kg = sub.add_parser("keygen", help="create an Ed25519 key pair for signing bundles, or a pseudonym key")
+    kg.add_argument("--out", required=True, help="writes OUT.key (private, 0600) and OUT.pub (public); with "
+                                                 "--pseudonym, the key file OUT (0600)")
+    kg.add_argument("--pseudonym", action="store_true",
+                    help="an HMAC key that turns shopper ids into pseudonyms (events.pseudonym_key)")
 
     pb = sub.add_parser("publish", help="sign a bundle and add it to a registry directory")
     pb.add_argument("bundle", help="bundle directory")
@@ -174,10 +177,21 @@ def _serve_flags(args) -> dict:
     return flags
 
 
+def _node_module(command: str):
+    """``edge_runtime.ops.node``, imported after logging is set up (so that what its import logs, e.g. a
+    deprecated environment name, comes out in the configured format); None (reported) when a scoring switch is
+    wrong (``EDGEREC_SCORING=...`` naming a backend that is not there)."""
+    try:
+        from edge_runtime.ops import node
+    except ImportError as exc:
+        print(f"edgerec {command}: {exc}", file=sys.stderr)
+        return None
+    return node
+
+
 def _serve(args) -> int:
     from edge_runtime import config as config_mod
     from edge_runtime.ops import logs
-    from edge_runtime.ops.node import run_node
 
     try:
         cfg = config_mod.load(args.config, flags=_serve_flags(args))
@@ -185,12 +199,24 @@ def _serve(args) -> int:
         print(f"edgerec serve: config error: {exc}", file=sys.stderr)
         return 2
     logs.setup(cfg["log"]["level"], cfg["log"]["format"])
-    return run_node(cfg, reload_config=lambda: config_mod.load(args.config, flags=_serve_flags(args)))
+    node = _node_module("serve")
+    if node is None:
+        return 2
+    return node.run_node(cfg, reload_config=lambda: config_mod.load(args.config, flags=_serve_flags(args)))
 
 
 def _keygen(args) -> int:
     from edge_runtime.bundle import signing
+    from edge_runtime.events.pseudonym import create_key
 
+    if args.pseudonym:
+        try:
+            path = create_key(args.out)
+        except OSError as exc:
+            print(f"edgerec keygen: {exc}", file=sys.stderr)
+            return 2
+        print(f"pseudonym key: {path} (mode 0600; give it to nodes: [events] pseudonym_key = \"{path}\")")
+        return 0
     try:
         priv, pub = signing.keygen(args.out)
     except OSError as exc:
@@ -214,9 +240,10 @@ def _publish(args) -> int:
 
 
 def _registry(args) -> int:
-    from edge_runtime.ops.node import run_registry
-
-    return run_registry(args.bundles, args.host, args.port, discovery=not args.no_discovery, name=args.name)
+    node = _node_module("registry")
+    if node is None:
+        return 2
+    return node.run_registry(args.bundles, args.host, args.port, discovery=not args.no_discovery, name=args.name)
 
 
 def _rollback(args) -> int:

@@ -26,9 +26,10 @@ ALLOWED = {
     "rpc": {"const", "errors"},
     "scoring": {"const", "errors", "config"},
     "bundle": {"const", "errors", "scoring"},
-    "serving": {"const", "errors", "config", "rpc", "bundle", "scoring"},
-    "fleet": {"const", "errors", "config", "rpc", "bundle", "scoring", "serving"},
-    "ops": {"const", "errors", "config", "rpc", "bundle", "scoring", "serving", "fleet"},
+    "events": {"const", "errors", "config"},
+    "serving": {"const", "errors", "config", "rpc", "bundle", "scoring", "events"},
+    "fleet": {"const", "errors", "config", "rpc", "bundle", "scoring", "events", "serving"},
+    "ops": {"const", "errors", "config", "rpc", "bundle", "scoring", "events", "serving", "fleet"},
     "client": {"rpc"},
     "__init__": set(),
 }

@@ -429,7 +429,9 @@ class SyncManager:
         async with self.lock():
             current = self._current()
             for v in reversed(self.state["history"]):
-                if v == current or not (self.bundles / v).is_dir():
+                # a version skipped (rolled back from, or failed) is no rollback target: a second rollback goes
+                # further back instead of flipping to the version the first one left
+                if v == current or v in self.state["skip"] or not (self.bundles / v).is_dir():
                     continue
                 try:
                     model = await self.swapper.load(lambda v=v: self.verified_model(v))

@@ -93,6 +93,35 @@ class _ServiceCollector:
         path = g("edgerec_scoring_info", "scoring path in use (1)", labels=["path"])
         path.add_metric([scoring.IMPLEMENTATION], 1.0)
         yield path
+        events = s.events
+        if events is not None:
+            st = events.status
+            yield CounterMetricFamily("edgerec_events_committed", "events committed to the event log",
+                                      value=st["committed"])
+            yield CounterMetricFamily("edgerec_events_duplicate", "events acknowledged as retries (event_id seen)",
+                                      value=st["duplicates"])
+            yield CounterMetricFamily("edgerec_events_refused", "events refused: the log could not store them",
+                                      value=st["refused"])
+            yield g("edgerec_event_log_degraded", "1 while the event log cannot commit",
+                    value=1.0 if st["state"] == "degraded" else 0.0)
+            yield g("edgerec_event_log_rows", "rows in the event log", value=st["rows"])
+            yield g("edgerec_event_log_bytes", "bytes of live pages in the event log", value=st["bytes"])
+        snap = s.analytics.snapshot()
+        rate = g("edgerec_events_per_second", "events per second over the last 60 s", labels=["event"])
+        for t, v in snap["events_per_second"].items():
+            rate.add_metric([t], v)
+        yield rate
+        active = g("edgerec_active_shoppers", "distinct shoppers with an event in the window (HyperLogLog)",
+                   labels=["window"])
+        for w, v in snap["active_shoppers"].items():
+            active.add_metric([w], v)
+        yield active
+        top = g("edgerec_top_item_events_1h", "events of the most active items in the last hour",
+                labels=["event", "rank", "item"])
+        for t, rows in snap["top_items_1h"].items():
+            for rank, (item, count) in enumerate(rows, 1):
+                top.add_metric([t, str(rank), item], count)
+        yield top
         sync = self.sync
         if sync is not None:
             st = g("edgerec_sync_state", "model sync state (1 for the current one)", labels=["state"])
@@ -123,6 +152,7 @@ class Metrics:
                               registry=self.registry)
         ProcessCollector(registry=self.registry)
         self.registry.register(_ServiceCollector(service, sync))
+        self._service = service
         self._known = methods   # live: methods added later count too
         self.http = None
 
@@ -139,9 +169,9 @@ class Metrics:
         self.errors.labels(str(code)).inc()
 
     def rpc_stats(self, p: dict) -> dict:
-        """The ``stats {}`` method: ``stats()``."""
+        """The ``stats {}`` method: ``stats()`` plus ``analytics`` (``events.analytics.Analytics.snapshot``)."""
         check_keys(p, (), (), "stats")
-        return self.stats()
+        return dict(self.stats(), analytics=self._service.analytics.snapshot())
 
     async def serve_http(self, host: str, port: int) -> None:
         """Prometheus text exposition on http://host:port/metrics, served by the daemon's event loop: at most

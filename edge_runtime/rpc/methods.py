@@ -18,7 +18,8 @@ Handler = Callable[[dict], Any]
 
 class MethodTable:
     """Method name -> (handler, is_async). ``is_async`` handlers are coroutines run as tasks (their replies may
-    interleave); the others run inline on the event loop and must be short."""
+    interleave); the others run inline on the event loop and must be short, and may return an ``asyncio.Future``
+    whose result is the reply (no task per request: the event log's commit path)."""
 
     def __init__(self, methods: dict[str, tuple[Handler, bool]] | None = None):
         self._methods: dict[str, tuple[Handler, bool]] = dict(methods or {})

@@ -269,6 +269,9 @@ class RpcConnection(asyncio.Protocol):
             p = params_map(params)
             if not is_async:
                 result = handler(p)
+                if isinstance(result, asyncio.Future):   # a reply that comes later (e.g. after a disk commit)
+                    self._pending(result, msgid, method, t0)
+                    return
                 self._finish(msgid, result, None)
                 self.observer.observe(method, time.perf_counter() - t0, None)
                 return
@@ -281,7 +284,11 @@ class RpcConnection(asyncio.Protocol):
             self._finish(msgid, None, exc)
             self.observer.observe(method, time.perf_counter() - t0, INTERNAL_ERROR)
             return
-        task = asyncio.ensure_future(handler(p))
+        self._pending(asyncio.ensure_future(handler(p)), msgid, method, t0)
+
+    def _pending(self, task: asyncio.Future, msgid: int | None, method: str, t0: float) -> None:
+        """A request whose reply is ``task``'s outcome (a coroutine handler's task, or a future a handler returned):
+        counted in flight (back-pressure, drain) until it is done."""
         self.server.tasks.add(task)
         self.inflight += 1
         task.add_done_callback(lambda t, msgid=msgid, method=method: self._task_done(t, msgid, method, t0))

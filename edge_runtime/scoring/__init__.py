@@ -37,7 +37,8 @@ _FORCED = (env_value("SCORING") or "").strip().lower()
 _NO_NATIVE = env_flag("NO_NATIVE")
 env_value("SIMD")   # read by the native kernel itself; asked here so the deprecated spelling is reported
 if _FORCED not in ("", "native", "numba", "numpy"):
-    raise ImportError(f"EDGEREC_SCORING={_FORCED!r}: use native, numba or numpy")
+    raise ImportError(f"EDGEREC_SCORING (or the deprecated EDGE_RUNTIME_SCORING) = {_FORCED!r}: use native, numba "
+                      "or numpy")
 
 try:
     from . import _native

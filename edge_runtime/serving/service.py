@@ -12,8 +12,14 @@ Methods (params: one map):
   source}``. Context = ``history`` (oldest first) then the user's live session. ``source`` is ``"model"`` or
   ``"popularity"`` (no known item in the context). ``filters``: ``category`` (attribute value or list: keep items
   having any), ``exclude`` (item ids never to return).
-* ``track {user, item, event: view|cart|purchase, ts?}`` -> ``{ok: true}``; ``track_batch {events: [...]}`` ->
-  ``{ok: true, count}`` (validated as a whole first: one bad event rejects the batch, nothing half-applied).
+* ``track {user, item, event: view|cart|purchase, ts?, event_id?}`` -> ``{ok: true}``; ``track_batch {events:
+  [...]}`` -> ``{ok: true, count}`` (validated as a whole first: one bad event rejects the batch, nothing
+  half-applied). With the event log (``events/log.py``) the reply comes only after the events are committed, and a
+  repeated (user, event_id) is acknowledged without being stored or applied twice; a log that cannot store them
+  answers ``EventLogUnavailable`` and nothing is applied.
+* ``session {user}`` -> ``{events: [{item, event, ts}, ...]}`` oldest first, as the node holds it;
+  ``forget {user}`` -> ``{ok: true, removed, session_events}``: the shopper's logged events (``removed``) and
+  in-memory session are erased on this node.
 * ``set_availability {items: [...], in_stock: bool}`` -> ``{ok: true, out_of_stock}``: out-of-stock items are never
   recommended (an allow-mask in the scan).
 * ``health`` -> ``{status, model_version, uptime_s, ...}``; ``model_info`` -> the manifest summary.
@@ -25,14 +31,17 @@ import concurrent.futures
 import hashlib
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
 
 from .. import const, scoring
 from ..errors import InvalidParams, ModelNotLoadedError, SwapError
-from ..rpc.methods import MethodTable, as_bool, as_id, as_id_list, as_int, as_ts, check_keys, short, type_name
+from ..events.analytics import Analytics
+from ..events.log import Event, EventLog
+from ..rpc.methods import (MethodTable, as_bool, as_id, as_id_list, as_int, as_str, as_ts, check_keys, short,
+                           type_name)
 from .model import Model
 from .session import EVENTS, ResultCache, SessionStore
 
@@ -41,17 +50,20 @@ log = logging.getLogger(__name__)
 _ONE = np.ones(1, dtype=np.float32)
 
 
-def as_event(p: dict, where: str) -> tuple[str, str, str, float | None]:
-    """Validate one event map; error messages name ``where`` (e.g. ``events[3]``) and the parameter."""
+def as_event(p: dict, where: str) -> tuple[str, str, str, float | None, str | None]:
+    """Validate one event map -> (user, item, event, ts or None, event_id or None); error messages name ``where``
+    (e.g. ``events[3]``) and the parameter."""
     if not isinstance(p, dict):
-        raise InvalidParams(f"{where} must be a map {{user, item, event, ts?}}, got {type_name(p)}")
-    check_keys(p, ("user", "item", "event", "ts"), ("user", "item", "event"), where)
+        raise InvalidParams(f"{where} must be a map {{user, item, event, ts?, event_id?}}, got {type_name(p)}")
+    check_keys(p, ("user", "item", "event", "ts", "event_id"), ("user", "item", "event"), where)
     prefix = "" if where == "track" else f"{where}."
     event = p["event"]
     if not isinstance(event, str) or event not in EVENTS:
         raise InvalidParams(f"{where}: 'event' must be one of {list(EVENTS)}, got {short(event)}")
     ts = as_ts(p["ts"], f"{prefix}ts") if p.get("ts") is not None else None
-    return as_id(p["user"], f"{prefix}user"), as_id(p["item"], f"{prefix}item"), event, ts
+    eid = as_str(p["event_id"], f"{prefix}event_id", const.MAX_EVENT_ID_CHARS) if p.get("event_id") is not None \
+        else None
+    return as_id(p["user"], f"{prefix}user"), as_id(p["item"], f"{prefix}item"), event, ts, eid
 
 
 # ---------------------------------------------------------------------------------------------------- service
@@ -61,16 +73,25 @@ class Service:
     Args:
         model: the loaded bundle, or None (a node waiting for model sync); swap models with ``swap.ModelSwapper``.
         executor: threads that run encoder calls and scans (both release the GIL).
+        events: the durable event log (started), or None: events then live in memory only.
+        pseudonym: raw shopper id -> the id the node keys sessions, the cache and the log by
+            (``events.pseudonym.Pseudonymizer``); None keeps raw ids (only without a log).
 
     Attributes:
         methods: the ``MethodTable`` of the API (the RPC server dispatches to it).
         sync: the node's model sync (``fleet.sync.SyncManager``) when it has one; ``health`` shows its state.
     """
 
-    def __init__(self, model: Model, executor: concurrent.futures.Executor | None = None,
+    def __init__(self, model: Model | None, executor: concurrent.futures.Executor | None = None,
                  max_sessions: int = const.MAX_SESSIONS, session_events: int = const.SESSION_EVENTS,
-                 cache_entries: int = const.CACHE_ENTRIES, cache_items: int = const.CACHE_ITEMS):
+                 cache_entries: int = const.CACHE_ENTRIES, cache_items: int = const.CACHE_ITEMS,
+                 events: EventLog | None = None, pseudonym: Callable[[str], str] | None = None):
+        if events is not None and pseudonym is None:
+            raise ValueError("an event log needs a pseudonymizer: raw shopper ids are never stored")
         self.model = model
+        self.events = events
+        self.key = pseudonym or (lambda user: user)
+        self.analytics = Analytics(EVENTS)
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(const.SCORING_THREADS,
                                                                           thread_name_prefix="score")
         self.sessions = SessionStore(max_sessions, session_events)
@@ -83,11 +104,14 @@ class Service:
         self.sync = None
         self._stock_version = 0
         self.started = time.time()
+        logged = events is not None   # the logged handlers return a future: the reply waits for the commit
         self.methods = MethodTable({
             "recommend": (self.recommend, True),
-            "track": (self.track, False),
-            "track_batch": (self.track_batch, False),
+            "track": (self.track_logged if logged else self.track, False),
+            "track_batch": (self.track_batch_logged if logged else self.track_batch, False),
             "set_availability": (self.set_availability, False),
+            "session": (self.session, False),
+            "forget": (self.forget, True),
             "health": (self.health, False),
             "model_info": (self.model_info, False),
         })
@@ -162,6 +186,8 @@ class Service:
         if model is None:
             raise ModelNotLoadedError("no model is loaded")
         categories, exclude_ids = self._parse_filters(p.get("filters"), model)
+        if user is not None:
+            user = self.key(user)
         session = self.sessions.get(user) if user is not None else None
         cache_key = None
         if user is not None and history is None:
@@ -192,29 +218,99 @@ class Service:
 
     # -- events ----------------------------------------------------------------------------------------------
     def _apply(self, user: str, item: str, event: str, ts: float | None) -> None:
+        """Apply one event for the (already keyed) ``user`` to its session, the cache and the analytics."""
         m = self.model
         row = m.index.get(item) if m is not None else None
         if row is not None:
             item = m.item_ids[row]  # share the model's string instead of keeping a copy per event
         self.sessions.track(user, item, event, ts)
         self.cache.invalidate(user)
+        self.analytics.observe(user, item, event)
 
-    def track(self, p: dict) -> dict:
-        user, item, event, ts = as_event(p, "track")
-        self._apply(user, item, event, ts)
-        return {"ok": True}
-
-    def track_batch(self, p: dict) -> dict:
+    @staticmethod
+    def _parse_batch(p: dict) -> list[tuple[str, str, str, float | None, str | None]]:
         check_keys(p, ("events",), ("events",), "track_batch")
         events = p["events"]
         if not isinstance(events, (list, tuple)):
-            raise InvalidParams(f"'events' must be an array of {{user, item, event, ts?}}, got {type_name(events)}")
+            raise InvalidParams(f"'events' must be an array of {{user, item, event, ts?, event_id?}}, got "
+                                f"{type_name(events)}")
         if len(events) > const.MAX_BATCH_EVENTS:
             raise InvalidParams(f"'events' holds {len(events)} events; at most {const.MAX_BATCH_EVENTS} per batch")
-        parsed = [as_event(e, f"events[{i}]") for i, e in enumerate(events)]
-        for ev in parsed:
-            self._apply(*ev)
+        return [as_event(e, f"events[{i}]") for i, e in enumerate(events)]
+
+    def track(self, p: dict) -> dict:
+        """``track`` without an event log (in memory; ``event_id`` is accepted and not needed)."""
+        user, item, event, ts, _ = as_event(p, "track")
+        self._apply(self.key(user), item, event, ts)
+        return {"ok": True}
+
+    def track_batch(self, p: dict) -> dict:
+        parsed = self._parse_batch(p)
+        for user, item, event, ts, _ in parsed:
+            self._apply(self.key(user), item, event, ts)
         return {"ok": True, "count": len(parsed)}
+
+    def _log_and_apply(self, parsed: list[tuple[str, str, str, float | None, str | None]],
+                       reply: dict) -> asyncio.Future:
+        """Queue ``parsed`` for the next commit; the returned future gets ``reply`` once they are committed and what
+        was stored now is applied (a retried event_id is not applied twice), or ``EventLogUnavailable`` (nothing
+        stored, nothing applied)."""
+        now = time.time()
+        key = self.key   # the event id is keyed too: a client may build it from the raw shopper id
+        rows = [Event(key(u), item, ev, ts if ts is not None else now, key(eid) if eid is not None else None)
+                for u, item, ev, ts, eid in parsed]
+        out = asyncio.get_running_loop().create_future()
+
+        def done(stored, exc) -> None:
+            if exc is None:
+                for e, new in zip(rows, stored):
+                    if new:
+                        self._apply(e.user, e.item, e.event, e.ts)
+            if not out.done():
+                if exc is not None:
+                    out.set_exception(exc)
+                else:
+                    out.set_result(reply)
+
+        self.events.submit(rows, done)
+        return out
+
+    def track_logged(self, p: dict) -> asyncio.Future:
+        """``track`` with the event log: the reply comes once the event is committed."""
+        return self._log_and_apply([as_event(p, "track")], {"ok": True})
+
+    def track_batch_logged(self, p: dict) -> asyncio.Future:
+        parsed = self._parse_batch(p)
+        return self._log_and_apply(parsed, {"ok": True, "count": len(parsed)})
+
+    def restore(self, rows) -> tuple[int, int]:
+        """Boot: replay (keyed user, item, event, ts) rows, oldest first, into the sessions (each keeps its last
+        ``session_events``); returns (events, sessions)."""
+        n = 0
+        for user, item, event, ts in rows:
+            m = self.model
+            row = m.index.get(item) if m is not None else None
+            self.sessions.track(user, m.item_ids[row] if row is not None else item, event, ts)
+            n += 1
+        return n, len(self.sessions)
+
+    def session(self, p: dict) -> dict:
+        check_keys(p, ("user",), ("user",), "session")
+        s = self.sessions.get(self.key(as_id(p["user"], "user")))
+        return {"events": [{"item": it, "event": ev, "ts": ts} for it, ev, ts in (s.events if s else ())]}
+
+    async def forget(self, p: dict) -> dict:
+        """Erase a shopper on this node: logged events (``removed``) and the in-memory session and results.
+
+        Raises:
+            EventLogUnavailable: the log could not erase them now (the session is kept too; retry).
+        """
+        check_keys(p, ("user",), ("user",), "forget")
+        user = self.key(as_id(p["user"], "user"))
+        removed = await self.events.forget(user) if self.events is not None else 0
+        held = self.sessions.drop(user)
+        self.cache.invalidate(user)
+        return {"ok": True, "removed": removed, "session_events": held}
 
     def set_availability(self, p: dict) -> dict:
         check_keys(p, ("items", "in_stock"), ("items", "in_stock"), "set_availability")
@@ -243,6 +339,8 @@ class Service:
                "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions),
                "cache_entries": len(self.cache), "scoring": scoring.IMPLEMENTATION,
                "precision": m.precision if m else None}
+        if self.events is not None:
+            out["events"] = self.events.health()
         if self.sync is not None:
             out["sync"] = self.sync.health()
             out["offline"] = out["sync"]["registry_reachable"] is False

@@ -61,6 +61,11 @@ class SessionStore:
             self._sessions.popitem(last=False)
             self.evicted += 1
 
+    def drop(self, user: str) -> int:
+        """Forget ``user``'s session; returns how many events it held."""
+        s = self._sessions.pop(user, None)
+        return len(s.events) if s is not None else 0
+
     def track(self, user: str, item: str, event: str, ts: float | None = None) -> Session:
         """Append an event (``ts`` in unix seconds, default now) and bump the session's version."""
         s = self._sessions.get(user)

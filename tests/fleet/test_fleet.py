@@ -285,6 +285,10 @@ def test_rollback_rpc_and_boot_prefers_newest_verified(tmp_path, reg_dir, keys, 
         # the registry still says v2: it stays skipped, the node keeps v1
         await node.sync.check_once()
         assert node.version == "v1" and node.health()["sync"]["skipped"] == {"v2": "rolled back"}
+        # a second rollback does not flip back to the version the first one left
+        with pytest.raises(ValueError, match="no earlier"):
+            await node.sync.rpc_rollback({})
+        assert node.version == "v1"
         # a newer version ends the pin
         publish(tiny_bundle, reg_dir, keys["key"], version="v3")
         await node.sync.check_once()
