@@ -116,7 +116,7 @@ async def load(port: int, clients: int, inflight: int, batch: int, seconds: floa
             "requests_per_s": len(lat) / wall, **pct(lat)}
 
 
-def recommend_latency(port: int, items: list[str], n: int = 1500, pause_s: float = 0.003) -> dict:
+def recommend_latency(port: int, items: list[str], n: int = 3000, pause_s: float = 0.003) -> dict:
     """``recommend {user}`` after that shopper's ``track`` (the common pattern, and always a cache miss: encoder +
     scan); only the recommend is timed. It starts ``pause_s`` after the track's reply in every mode: back to back,
     a logged track's reply follows a ~1 ms wait for the commit during which the CPU idles, and the recommend after

@@ -71,6 +71,9 @@ CHECK_K = 10                 # the model / served-path check asks for this many 
 # s: how long a thread may hold the GIL while another waits (CPython's default is 5 ms). The node's writer and
 # scoring threads need it briefly after every commit / scan; 0.5 ms lets them in without starving the loop.
 GIL_SWITCH_SECONDS = 0.0005
+# CPython collector thresholds once the node serves (default 700, 10, 10): a young collection every 100,000
+# allocations bounds cyclic garbage to a few MB while taking collections off most requests.
+GC_THRESHOLDS = (100_000, 100, 1000)
 
 # ------------------------------------------------------------------------------------------------ scoring/ (top-k)
 MAX_QUERIES = 4096           # queries per call (the daemon sends 1; benchmarks up to 64)
