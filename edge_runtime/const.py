@@ -68,9 +68,6 @@ SCORING_THREADS = 2          # threads that run encoder + scan; both release the
 MALLOC_ARENAS = 2            # glibc arenas (a model loaded in a worker thread reuses what the loop freed)
 BLAS_THREADS = 1             # per mat-vec: requests already run in parallel scoring threads
 CHECK_K = 10                 # the model / served-path check asks for this many items
-# s: how long a thread may hold the GIL while another waits (CPython's default is 5 ms). The node's writer and
-# scoring threads need it briefly after every commit / scan; 0.5 ms lets them in without starving the loop.
-GIL_SWITCH_SECONDS = 0.0005
 # CPython collector thresholds once the node serves (default 700, 10, 10): a young collection every 100,000
 # allocations bounds cyclic garbage to a few MB while taking collections off most requests.
 GC_THRESHOLDS = (100_000, 100, 1000)

@@ -16,7 +16,6 @@ import gc
 import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -103,9 +102,6 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
     """
     limit_malloc_arenas()
     limit_blas_threads()
-    # The event log's writer thread needs the GIL for a moment after each commit; at the default 5 ms switch
-    # interval a busy event loop holds it that long and the commit rate, not the disk, bounds throughput.
-    sys.setswitchinterval(const.GIL_SWITCH_SECONDS)
     srv, lim, syn = cfg["server"], cfg["limits"], cfg["sync"]
     port = None if srv["port"] < 0 else srv["port"]
     unix = srv["unix"] or None

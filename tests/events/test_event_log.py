@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from faults import fill, tmpfs  # noqa: F401  (tmpfs: a fixture)
+from faults import fill, tmpfs  # noqa: F401,F811  (tmpfs: the fixture the tests take)
 
 from edge_runtime import const
 from edge_runtime.errors import EventLogUnavailable
