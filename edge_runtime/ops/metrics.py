@@ -17,6 +17,13 @@ is read from the service when scraped (``_ServiceCollector``), so an idle daemon
 ``edgerec_sync_state{state}``                1 for the sync state (idle, downloading, warming, offline, ...);
                                              ``edgerec_sync_registry_reachable``; ``edgerec_sync_errors_total``
 ``edgerec_scoring_info{path}``               1 for the scoring path in use (``native-avx512_vnni``, ``numba``, ...)
+``edgerec_events_committed_total``           events committed to the event log; ``..._duplicate_total`` retries
+``edgerec_events_refused_total``             events the log could not store (disk full, read-only): not acknowledged
+``edgerec_event_log_degraded``               1 while the log cannot commit; ``edgerec_event_log_rows`` / ``_bytes``
+``edgerec_events_per_second{event}``         events/s over the last 60 s, by type (``events/analytics.py``)
+``edgerec_active_shoppers{window}``          distinct shoppers in the last 5m / 1h (HyperLogLog)
+``edgerec_top_item_events_1h{event,rank,``   events of the hour's most viewed / carted / purchased items
+``item}``
 ``process_resident_memory_bytes``            RSS (bytes), with the other ``process_*`` families of
                                              prometheus_client's ProcessCollector (Linux)
 ==========================================  =====================================================================
