@@ -186,3 +186,17 @@ def test_full_and_read_only_disk_refuse_then_recover(tmpfs):
         subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], capture_output=True)
     items = [r[2] for r in rows(db)]
     assert "after-full" in items and "after-ro" in items and "read-only" not in items
+
+
+def test_keygen_pseudonym_command(tmp_path):
+    import sys
+
+    from edgerec.process import PACKAGE_ROOT
+
+    out = tmp_path / "ps.key"
+    cmd = [sys.executable, "-m", "edgerec", "keygen", "--pseudonym", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=PACKAGE_ROOT, timeout=120)
+    assert r.returncode == 0 and str(out) in r.stdout
+    assert (out.stat().st_mode & 0o777) == 0o600 and len(load_key(out)("x")) == const.PSEUDONYM_HEX_CHARS
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=PACKAGE_ROOT, timeout=120)
+    assert again.returncode == 2 and "exists" in again.stderr
