@@ -262,10 +262,13 @@ class Service:
         out = asyncio.get_running_loop().create_future()
 
         def done(stored, exc) -> None:
-            if exc is None:
-                for e, new in zip(rows, stored):
-                    if new:
-                        self._apply(e.user, e.item, e.event, e.ts)
+            try:
+                if exc is None:
+                    for e, new in zip(rows, stored):
+                        if new:
+                            self._apply(e.user, e.item, e.event, e.ts)
+            except Exception as bug:  # stored but not applied: the client gets an internal error, never a hang
+                exc = bug
             if not out.done():
                 if exc is not None:
                     out.set_exception(exc)
