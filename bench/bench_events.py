@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_runtime import const  # noqa: E402
 from edge_runtime.client import Client  # noqa: E402
+from edge_runtime.events.log import SCHEMA  # noqa: E402
 from edge_runtime.events.pseudonym import create_key, load_key  # noqa: E402
 from edgerec.process import free_port, start_daemon, stop_daemon  # noqa: E402
 
@@ -163,9 +164,7 @@ def boot_time(bundle: Path, work: Path, events: int) -> dict:
     key = load_key(create_key(state / const.PSEUDONYM_KEY_FILE))
     now = time.time()
     db = sqlite3.connect(state / const.EVENT_DB)
-    db.executescript("""CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL,
-        key_id TEXT NOT NULL, item TEXT NOT NULL, event TEXT NOT NULL, ts REAL NOT NULL, received REAL NOT NULL,
-        event_id TEXT); CREATE UNIQUE INDEX events_user_event_id ON events (user, event_id);""")
+    db.executescript(SCHEMA)   # the node's own schema: the boot reads what a node would have written
     users = [key(f"shopper-{u}") for u in range(max(1, events // 20))]
     rng = np.random.default_rng(0)
     item_ids = [str(i) for i in rng.integers(1, 12000, 5000)]

@@ -82,15 +82,19 @@ class _Forget(NamedTuple):
     done: Done
 
 
+def settle(fut: asyncio.Future, value, exc: "BaseException | None") -> None:
+    """Resolve ``fut`` with ``value``, or with ``exc`` when given; nothing when it is already done (a request
+    cancelled at shutdown)."""
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+
+
 def _future_done(fut: asyncio.Future) -> Done:
-    def done(value, exc) -> None:
-        if fut.done():   # the request was cancelled (shutdown)
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value)
-    return done
+    return lambda value, exc: settle(fut, value, exc)
 
 
 _STOP = object()

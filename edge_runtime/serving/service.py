@@ -39,7 +39,7 @@ import numpy as np
 from .. import const, scoring
 from ..errors import InvalidParams, ModelNotLoadedError, SwapError
 from ..events.analytics import Analytics
-from ..events.log import Event, EventLog
+from ..events.log import Event, EventLog, settle
 from ..rpc.methods import (MethodTable, as_bool, as_id, as_id_list, as_int, as_str, as_ts, check_keys, short,
                            type_name)
 from .model import Model
@@ -217,12 +217,15 @@ class Service:
         return result
 
     # -- events ----------------------------------------------------------------------------------------------
-    def _apply(self, user: str, item: str, event: str, ts: float | None) -> None:
-        """Apply one event for the (already keyed) ``user`` to its session, the cache and the analytics."""
+    def _shared(self, item: str) -> str:
+        """The model's own string for a known item (a session then holds no copy per event), else ``item``."""
         m = self.model
         row = m.index.get(item) if m is not None else None
-        if row is not None:
-            item = m.item_ids[row]  # share the model's string instead of keeping a copy per event
+        return m.item_ids[row] if row is not None else item
+
+    def _apply(self, user: str, item: str, event: str, ts: float | None) -> None:
+        """Apply one event for the (already keyed) ``user`` to its session, the cache and the analytics."""
+        item = self._shared(item)
         self.sessions.track(user, item, event, ts)
         self.cache.invalidate(user)
         self.analytics.observe(user, item, event)
@@ -269,11 +272,7 @@ class Service:
                             self._apply(e.user, e.item, e.event, e.ts)
             except Exception as bug:  # stored but not applied: the client gets an internal error, never a hang
                 exc = bug
-            if not out.done():
-                if exc is not None:
-                    out.set_exception(exc)
-                else:
-                    out.set_result(reply)
+            settle(out, reply, exc)
 
         self.events.submit(rows, done)
         return out
@@ -291,9 +290,7 @@ class Service:
         ``session_events``); returns (events, sessions)."""
         n = 0
         for user, item, event, ts in rows:
-            m = self.model
-            row = m.index.get(item) if m is not None else None
-            self.sessions.track(user, m.item_ids[row] if row is not None else item, event, ts)
+            self.sessions.track(user, self._shared(item), event, ts)
             n += 1
         return n, len(self.sessions)
 
