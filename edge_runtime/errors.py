@@ -14,6 +14,7 @@ FRAME_TOO_LARGE = -32001  # a frame over const.MAX_FRAME_BYTES (the connection i
 OVERLOADED = -32002       # too many requests in flight
 MODEL_NOT_LOADED = -32003
 EVENT_LOG_UNAVAILABLE = -32004   # the event log cannot store events now (disk full, read-only); nothing was stored
+SEQUENCE_MISMATCH = -32005  # an ingest batch does not continue what the collector holds for its node
 
 
 class EdgeRuntimeError(Exception):
@@ -85,6 +86,14 @@ class EventLogUnavailable(RuntimeError, EdgeRuntimeError):
     request were not stored and not applied. Retry later: the node recovers by itself when the disk does."""
 
     code = EVENT_LOG_UNAVAILABLE
+
+
+class SequenceMismatch(ValueError, EdgeRuntimeError):
+    """An ingest batch does not continue the node's stream as the collector holds it: it starts after a sequence
+    number the collector never acknowledged (a gap), or re-sends a sequence number with a different event (the
+    node's log restarted its numbering). Nothing of the batch was stored; the node asks ``ingest_cursor`` again."""
+
+    code = SEQUENCE_MISMATCH
 
 
 class SwapError(RuntimeError, EdgeRuntimeError):

@@ -1,4 +1,4 @@
-"""The ``edgerec`` command: train, serve, recommend, track, demo; keygen, publish, registry, rollback.
+"""The ``edgerec`` command: train, finetune, serve, recommend, track, demo; keygen, publish, registry, rollback.
 
 argparse, then one short function per command that calls the room doing the work. Each command imports what it
 runs when it runs: ``train`` and ``demo`` the trainer (PyTorch, the ``[trainer]`` extra), ``serve`` and
@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from edge_runtime import __version__, const
 from edge_runtime.errors import BundleError, RpcError
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
     t.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--checkpoint", default=None,
+                   help="trainer checkpoint to write (default OUT.ckpt beside the bundle; what finetune starts from)")
+    _add_finetune(sub)
 
     s = sub.add_parser("serve", help="run the daemon on a bundle",
                        description="Settings come from --config FILE (default /etc/edgerec/edgerec.toml when it "
@@ -101,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--poll-seconds", type=float, default=None,
                    help="registry poll interval (default 30); backs off up to --max-backoff while unreachable")
     g.add_argument("--max-backoff", type=float, default=None)
+    g.add_argument("--upstream", default=None,
+                   help="ship committed events to this collector: HOST:PORT, or 'registry' (events.upstream)")
+    g.add_argument("--upstream-transport", choices=["rpc", "nats"], default=None,
+                   help="rpc (the collector) or nats (JetStream; --nats-url)")
+    g.add_argument("--nats-url", default=None, help="NATS server for --upstream-transport nats")
 
     kg = sub.add_parser("keygen", help="create an Ed25519 key pair for signing bundles, or a pseudonym key")
     kg.add_argument("--out", required=True, help="writes OUT.key (private, 0600) and OUT.pub (public); with "
@@ -122,6 +131,20 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("--port", type=int, default=const.REGISTRY_PORT, help="TCP port (default %(default)s; 0 picks one)")
     rg.add_argument("--no-discovery", action="store_true", help="do not announce over zeroconf")
     rg.add_argument("--name", default=None, help="zeroconf instance name (default registry-HOSTNAME-PORT)")
+    rg.add_argument("--collect", default=None, metavar="DIR",
+                    help="also collect the events nodes ship ([events] upstream) into DIR/collected.db")
+    rg.add_argument("--node", action="append", default=None, dest="nodes", metavar="NODE_ID",
+                    help="a node id allowed to ship events (repeatable; default: any node)")
+
+    co = sub.add_parser("collect", help="store the events nodes publish to NATS JetStream (--upstream-transport "
+                                        "nats) into DIR/collected.db; runs until SIGTERM")
+    co.add_argument("--nats", required=True, metavar="URL", help="the NATS server, e.g. nats://127.0.0.1:4222")
+    co.add_argument("--collect", required=True, metavar="DIR", help="the collector directory (DIR/collected.db)")
+    co.add_argument("--node", action="append", default=None, dest="nodes", metavar="NODE_ID",
+                    help="a node id allowed to ship events (repeatable; default: any node)")
+    co.add_argument("--stream", default=const.NATS_STREAM, help="JetStream stream (default %(default)s)")
+    co.add_argument("--durable", default="edgerec-collector", help="durable consumer name (default %(default)s)")
+    co.add_argument("--replicas", type=int, default=1, help="the stream's replicas (3 in a cluster; default 1)")
 
     rb = sub.add_parser("rollback", help="make a running daemon serve its previous model version")
     _add_conn(rb)
@@ -146,7 +169,64 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--time-budget", type=float, default=150.0, help="training seconds (default %(default)s)")
     d.add_argument("--epochs", type=int, default=40)
     d.add_argument("--shoppers", type=int, default=3)
+    _add_loop(sub)
     return ap
+
+
+def _add_loop(sub) -> None:
+    lp = sub.add_parser("loop", help="keep fine-tuning on the events nodes ship and publish what passes the gate",
+                        description="Every --interval seconds (or --min-events new events): edgerec finetune on the "
+                                    "collector's events, quality gate, sign and publish to the registry directory.")
+    lp.add_argument("--checkpoint", required=True, help="the first parent checkpoint (edgerec train writes OUT.ckpt)")
+    lp.add_argument("--collect", required=True, metavar="DIR",
+                    help="the collector's directory (edgerec registry --collect DIR)")
+    lp.add_argument("--registry", required=True, help="the registry's bundle directory (edgerec registry --bundles)")
+    lp.add_argument("--key", required=True, help="Ed25519 private key that signs the bundles (edgerec keygen)")
+    lp.add_argument("--workdir", required=True, help="the loop's state and candidate bundles")
+    lp.add_argument("--interval", type=float, default=300.0, help="seconds between rounds (default %(default)s)")
+    lp.add_argument("--min-events", type=int, default=0,
+                    help="start a round as soon as this many new events are collected (default: interval only)")
+    lp.add_argument("--attributes", default=None, help="catalog item attributes JSON {item: [attr, ...]}")
+    lp.add_argument("--channel", default=const.DEFAULT_CHANNEL)
+    lp.add_argument("--time-budget", type=float, default=None, help="training seconds per round at most")
+    lp.add_argument("--margin", type=float, default=None, help="quality gate margin (default 0.05)")
+    lp.add_argument("--threads", type=int, default=None)
+    lp.add_argument("--metrics-port", type=int, default=0, help="Prometheus port on 127.0.0.1 (0: none)")
+    lp.add_argument("--once", action="store_true", help="one round; exit 0 if it published, 1 if not")
+
+
+def _loop(args) -> int:
+    import dataclasses
+
+    from edgerec.loop import LoopConfig, run_loop
+    from trainer.finetune import FinetuneConfig
+
+    given = dict(time_budget_s=args.time_budget, margin=args.margin, threads=args.threads)
+    try:
+        ft = dataclasses.replace(FinetuneConfig(), **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        print(f"edgerec loop: error: {exc}", file=sys.stderr)
+        return 2
+    for what, path in (("checkpoint", args.checkpoint), ("key", args.key)):
+        if not Path(path).is_file():
+            print(f"edgerec loop: error: --{what} {path}: no such file", file=sys.stderr)
+            return 2
+    for what, path in (("workdir", args.workdir), ("registry", args.registry), ("collect", args.collect)):
+        if Path(path).exists() and not Path(path).is_dir():
+            print(f"edgerec loop: error: --{what} {path}: not a directory", file=sys.stderr)
+            return 2
+    from edge_runtime.bundle.signing import load_private_key
+    try:   # before the first round trains for minutes
+        load_private_key(args.key)
+    except (BundleError, OSError, ValueError) as exc:
+        print(f"edgerec loop: error: --key {args.key}: {exc}", file=sys.stderr)
+        return 2
+    cfg = LoopConfig(checkpoint=Path(args.checkpoint), events=Path(args.collect) / const.COLLECTOR_DB,
+                     registry=Path(args.registry), key=Path(args.key), workdir=Path(args.workdir),
+                     interval_s=args.interval, min_events=args.min_events,
+                     item_attributes=Path(args.attributes) if args.attributes else None, channel=args.channel,
+                     finetune=ft)
+    return run_loop(cfg, metrics_port=args.metrics_port, once=args.once)
 
 
 def _train(args) -> int:
@@ -164,10 +244,62 @@ def _train(args) -> int:
     try:
         cfg = (TrainConfig.from_toml(args.config, **overrides) if args.config
                else TrainConfig.from_dict({}, **overrides))
-        run(cfg, args.out, progress=not args.quiet)
+        run(cfg, args.out, progress=not args.quiet, checkpoint=args.checkpoint)
     except (DataError, BundleError, ValueError, OSError) as exc:
         print(f"edgerec train: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    f = sub.add_parser("finetune", help="fine-tune a trained model on new events; publish it only if it passes "
+                                        "the quality gate",
+                       description="Exit status: 0 published, 3 refused by the quality gate (or nothing to learn "
+                                   "from), 2 bad input (corrupt checkpoint, unreadable events, bad settings).")
+    f.add_argument("--from", dest="source", required=True, help="parent checkpoint (edgerec train writes OUT.ckpt)")
+    f.add_argument("--events", required=True,
+                   help="the collector's SQLite file, or a text file of 'user item ts [event]' rows")
+    f.add_argument("--out", required=True, help="bundle directory to write when the gate passes")
+    f.add_argument("--checkpoint", default=None, help="new checkpoint (default OUT.ckpt)")
+    f.add_argument("--attributes", default=None, help="item attributes JSON {item: [attr, ...]} for new items")
+    f.add_argument("--after-id", type=int, default=None,
+                   help="read collector rows above this id (default: the checkpoint's event cursor)")
+    f.add_argument("--time-budget", type=float, default=None, help="training seconds at most (default 120)")
+    f.add_argument("--epochs", type=int, default=None, help="passes over the update at most (default 3)")
+    f.add_argument("--lr", type=float, default=None, help="learning rate (default: 3 x the parent's)")
+    f.add_argument("--margin", type=float, default=None,
+                   help="refuse a candidate whose held-back NDCG@10 is more than this fraction below the serving "
+                        "model's (default 0.05)")
+    f.add_argument("--replay-ratio", type=float, default=None,
+                   help="older shoppers' sequences replayed per updated sequence (default 1.0)")
+    f.add_argument("--holdout", type=float, default=None,
+                   help="newest share of the events (by time) held back for the gate (default 0.1)")
+    f.add_argument("--threads", type=int, default=None)
+    f.add_argument("--quiet", action="store_true", help="print only the verdict")
+
+
+def _finetune(args) -> int:
+    import dataclasses
+
+    from trainer.checkpoint import CheckpointError
+    from trainer.finetune import EventError, FinetuneConfig, finetune
+
+    given = dict(time_budget_s=args.time_budget, epochs=args.epochs, lr=args.lr, margin=args.margin,
+                 replay_ratio=args.replay_ratio, holdout=args.holdout, threads=args.threads)
+    try:
+        cfg = dataclasses.replace(FinetuneConfig(), **{k: v for k, v in given.items() if v is not None})
+        res = finetune(args.source, args.events, args.out, cfg, item_attributes=args.attributes,
+                       after_id=args.after_id, checkpoint_out=args.checkpoint,
+                       printer=(lambda *a, **k: None) if args.quiet else print)
+    except (CheckpointError, EventError, BundleError, ValueError, OSError) as exc:
+        print(f"edgerec finetune: error: {exc}", file=sys.stderr)
+        return 2
+    if not res.published:
+        print(f"edgerec finetune: not published: {res.gate['reason']}", file=sys.stderr)
+        return 3
+    if args.quiet:
+        print(f"published {res.manifest['model_version']} to {args.out} ({res.events} events, {res.new_items} new "
+              f"items, {res.seconds:.1f} s)")
     return 0
 
 
@@ -243,7 +375,19 @@ def _registry(args) -> int:
     node = _node_module("registry")
     if node is None:
         return 2
-    return node.run_registry(args.bundles, args.host, args.port, discovery=not args.no_discovery, name=args.name)
+    return node.run_registry(args.bundles, args.host, args.port, discovery=not args.no_discovery, name=args.name,
+                             collect=args.collect, nodes=args.nodes)
+
+
+def _collect(args) -> int:
+    node = _node_module("collect")
+    if node is None:
+        return 2
+    if not args.nats.startswith(("nats://", "tls://")):
+        print(f"edgerec collect: error: --nats {args.nats!r}: must be a nats:// or tls:// URL", file=sys.stderr)
+        return 2
+    return node.run_collector(args.nats, args.collect, nodes=args.nodes, stream=args.stream, durable=args.durable,
+                              replicas=args.replicas)
 
 
 def _rollback(args) -> int:
@@ -322,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     # Export / quantization libraries log per-tensor INFO and irrelevant warnings (torchvision ops, HF configs).
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "optimum"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    handler = {"train": _train, "serve": _serve, "recommend": _recommend, "track": _track, "demo": _demo,
-               "keygen": _keygen, "publish": _publish, "registry": _registry, "rollback": _rollback}
+    handler = {"train": _train, "finetune": _finetune, "serve": _serve, "recommend": _recommend, "track": _track, "demo": _demo,
+               "keygen": _keygen, "publish": _publish, "registry": _registry, "rollback": _rollback, "collect": _collect, "loop": _loop}
     return handler[args.command](args)
 
 

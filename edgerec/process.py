@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from edge_runtime.rpc.client import Client
@@ -79,3 +80,74 @@ def stop_daemon(proc: subprocess.Popen, timeout: float = 30.0) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+class TcpRelay:
+    """A TCP relay on 127.0.0.1 (``port``) in front of ``target_port``, for fault tests and benchmarks: ``cut()``
+    closes every relayed connection and refuses new ones (a network cut); ``heal()`` accepts again; ``target_port``
+    may be changed while it runs (a restarted upstream on another port)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self._open = threading.Event()
+        self._open.set()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = False
+        self._srv = socket.create_server(("127.0.0.1", self.port))
+        self._srv.settimeout(0.1)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                c, _ = self._srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not self._open.is_set():
+                c.close()
+                continue
+            try:
+                u = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
+            except OSError:
+                c.close()
+                continue
+            with self._lock:
+                self._conns += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self._open.clear()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def heal(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._stop = True
+        self.cut()
+        self._srv.close()

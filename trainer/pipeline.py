@@ -4,7 +4,9 @@
 validation NDCG@10) -> ONNX export and int8 quantization (``export.py``) -> item matrices, float32 and int8 with
 per-row scales (``edge_runtime.bundle.writer``) -> test HR@10 / NDCG@10 (leave-one-out, full ranking,
 ``evaluate.py``) of the PyTorch model, of the fp32 ONNX encoder with the float32 items and of the int8 encoder with
-the int8 items, one user per call as the node serves it -> fp32 / int8 top-10 agreement -> bundle in ``out_dir``.
+the int8 items, one user per call as the node serves it -> fp32 / int8 top-10 agreement -> bundle in ``out_dir``
+-> the trainer's checkpoint beside it (``checkpoint.py``; ``<out_dir>.ckpt`` by default), which ``finetune.py``
+starts from.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import format as fmt
-from edge_runtime.bundle.writer import check_out_dir, new_model_version, stage_arrays, write_bundle
+from edge_runtime.bundle.writer import (attribute_csr, check_out_dir, new_model_version, stage_arrays,
+                                        write_bundle)
 from edge_runtime.serving.encoder import Encoder
 
+from . import checkpoint as checkpoint_mod
 from . import data as data_mod
 from . import distributed as distributed_mod
 from .config import TrainConfig
@@ -30,13 +34,16 @@ from .scorers import onnx_score_fn, torch_score_fn
 from .train import TrainResult, train
 
 
-def run(cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True, printer=print) -> dict:
+def run(cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True, printer=print,
+        checkpoint: str | os.PathLike | None = None) -> dict:
     """Everything ``edgerec train`` does; returns the bundle manifest (``{}`` on ranks other than 0). See the module
-    docstring.
+    docstring. ``checkpoint``: where the trainer's checkpoint goes (default ``checkpoint.default_path(out_dir)``,
+    i.e. ``<out_dir>.ckpt``, outside the bundle).
 
     Raises:
         BundleError: ``out_dir`` exists and is not a bundle (checked before training).
         DataError: the data cannot be read or has no user to evaluate.
+        OSError: the checkpoint cannot be written.
     """
     check_out_dir(out_dir)
     rank, world = distributed_mod.distributed()
@@ -55,9 +62,41 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, progress: bool = True, pri
             distributed_mod.shutdown()
             return {}
     manifest = build_bundle(cfg, data, result, out_dir, printer=printer)
+    path = save_checkpoint(cfg, data, result, manifest, out_dir, checkpoint)
+    printer(f"checkpoint written to {path}")
     if world > 1:
         distributed_mod.shutdown()
     return manifest
+
+
+def save_checkpoint(cfg: TrainConfig, data: data_mod.Interactions, result: TrainResult, manifest: dict,
+                    out_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
+    """Write the checkpoint of the bundle just built in ``out_dir`` (weights, optimizer, ids, attributes, config,
+    every user's sequence, popularity, the int8 encoder's bytes); returns its path (default ``<out_dir>.ckpt``)."""
+    model = result.model
+    attr_names = (attribute_csr(data.item_attributes)[2]
+                  if model.attr_emb is not None and data.item_attributes is not None else [])
+    ck = checkpoint_mod.Checkpoint(
+        model_version=manifest["model_version"], config=cfg.to_dict(),
+        state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        optimizer=result.optimizer.state_dict() if result.optimizer is not None else None,
+        item_ids=list(data.item_ids), item_attributes=data.item_attributes, attr_names=attr_names,
+        user_ids=list(data.user_ids), sequences=[np.asarray(s, dtype=np.int64) for s in data.sequences],
+        fresh=np.zeros(data.num_users, dtype=np.int64), popularity=data.popularity(),
+        encoder_int8=(Path(out_dir) / fmt.ENCODER_INT8).read_bytes(), event_cursor=0,
+        lineage={"created_at": manifest.get("created_at"), "finetuned_from": None,
+                 "dataset": {k: data.source.get(k) for k in ("path", "format", "fingerprint")}})
+    return checkpoint_mod.save(ck, checkpoint_mod.default_path(out_dir) if path is None else path)
+
+
+def compose_arrays(model) -> tuple[np.ndarray, np.ndarray] | None:
+    """(attribute-value embeddings float32 [V, d], mean id embedding float32 [d]) of a model with side information,
+    for the bundle (a node composes new items from them, ``edge_runtime.serving.compose``); None without."""
+    if model.attr_emb is None:
+        return None
+    w = model.item_emb.weight.detach().cpu().numpy()
+    return (model.attr_emb.weight.detach().cpu().numpy().astype(np.float32),
+            w[1:model.num_items + 1].mean(axis=0).astype(np.float32))
 
 
 def build_bundle(cfg: TrainConfig, data: data_mod.Interactions, result: TrainResult, out_dir: str | os.PathLike,
@@ -73,7 +112,8 @@ def build_bundle(cfg: TrainConfig, data: data_mod.Interactions, result: TrainRes
         quantize_int8(staged / fmt.ENCODER_FP32, staged / fmt.ENCODER_INT8)
         export_s = time.perf_counter() - t0
         items = model.item_embeddings().detach().cpu().numpy().astype(np.float32)
-        q, scales = stage_arrays(staged, items, data.item_ids, data.popularity(), data.item_attributes)
+        q, scales = stage_arrays(staged, items, data.item_ids, data.popularity(), data.item_attributes,
+                                 compose_arrays(model))
         enc32 = Encoder(staged / fmt.ENCODER_FP32)
         enc8 = Encoder(staged / fmt.ENCODER_INT8)
         paths = {

@@ -37,6 +37,7 @@ class TrainResult:
     best_epoch: int
     valid: dict
     train_seconds: float
+    optimizer: torch.optim.Optimizer | None = None   # the Adam that trained ``model`` (its state goes to checkpoints)
 
 
 def seed_everything(seed: int) -> None:
@@ -195,4 +196,4 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
     bar.close()
     model.load_state_dict(best[2])
     model.eval()
-    return TrainResult(model, split, history, best[1], best[3], time.perf_counter() - start)
+    return TrainResult(model, split, history, best[1], best[3], time.perf_counter() - start, opt)

@@ -16,6 +16,11 @@ Layout (``FORMAT_VERSION`` 1)::
     item_attr_names.json     (optional) ["<attribute>", ...] each distinct attribute value once
                              (a load creates one string per distinct value, not one per item-attribute pair;
                              bundles with the older item_attr_values.json [nnz strings] still load)
+    item_attr_emb.npy        (optional, with the attribute files) float32 [V, d]: the model's embedding of each
+                             attribute value (row j = item_attr_names[j]), for composing new items' embeddings
+    item_id_mean.npy         (optional, with item_attr_emb.npy) float32 [d]: the mean id-embedding row of the items
+                             (``serving/compose.py`` gives the rule: a new item = id mean + mean of its attribute
+                             values' embeddings; without a known attribute, the mean item embedding)
 
 Every file is listed in the manifest with its sha256; ``load_manifest`` refuses a bundle whose files are missing,
 altered or named outside the bundle directory, naming the file. Arrays are ``.npy`` read with
@@ -49,6 +54,8 @@ POPULARITY = "popularity.npy"
 ATTR_INDPTR = "item_attr_indptr.npy"
 ATTR_CODES = "item_attr_codes.npy"
 ATTR_NAMES = "item_attr_names.json"
+ATTR_EMB = "item_attr_emb.npy"
+ID_MEAN = "item_id_mean.npy"
 ATTR_VALUES_V0 = "item_attr_values.json"   # older bundles: one string per (item, attribute) pair
 REQUIRED_FILES = (ENCODER_INT8, ITEMS_F32, ITEMS_I8, ITEMS_SCALE, ITEM_IDS, POPULARITY)
 PRECISIONS = ("int8", "fp32")
@@ -159,6 +166,8 @@ class BundleArrays:
         item_ids: external id by row (str, N). popularity: float32 [N].
         attr_indptr / attr_codes / attr_names: the item-attribute CSR (int64 [N + 1], int64 [nnz] codes into
             attr_names), or None / empty without attributes.
+        attr_emb / id_mean: float32 [len(attr_names), d] and [d], the parts new items' embeddings are composed of
+            (``serving/compose.py``), or None when the bundle has none.
     """
 
     manifest: dict
@@ -170,6 +179,8 @@ class BundleArrays:
     attr_indptr: np.ndarray | None
     attr_codes: np.ndarray
     attr_names: list[str]
+    attr_emb: np.ndarray | None = None
+    id_mean: np.ndarray | None = None
 
 
 def read_arrays(bundle_dir: str | os.PathLike, precision: str = "int8", verify: bool = True) -> BundleArrays:
@@ -209,6 +220,9 @@ def read_arrays(bundle_dir: str | os.PathLike, precision: str = "int8", verify: 
                     attr_codes = np.fromiter((codes.setdefault(str(v), len(codes)) for v in json.load(f)),
                                              dtype=np.int64)
                     attr_names = list(codes)
+        attr_emb = id_mean = None
+        if (root / ATTR_EMB).is_file() and (root / ID_MEAN).is_file():
+            attr_emb, id_mean = load(ATTR_EMB).astype(np.float32), load(ID_MEAN).astype(np.float32)
     except (OSError, ValueError) as exc:
         raise BundleError(f"{root}: cannot read bundle arrays: {exc}") from None
     n = len(item_ids)
@@ -222,5 +236,10 @@ def read_arrays(bundle_dir: str | os.PathLike, precision: str = "int8", verify: 
             raise BundleError(f"{root}: item attribute table is inconsistent ({len(attr_codes)} codes over "
                               f"{len(attr_names)} names, indptr ending at {int(attr_indptr[-1])} over "
                               f"{len(attr_indptr) - 1} items)")
+    if attr_emb is not None:
+        d = items.shape[1]
+        if attr_emb.shape != (len(attr_names), d) or id_mean.shape != (d,):
+            raise BundleError(f"{root}: {ATTR_EMB} is {attr_emb.shape} and {ID_MEAN} {id_mean.shape}; expected "
+                              f"({len(attr_names)}, {d}) and ({d},)")
     return BundleArrays(manifest, encoder, np.ascontiguousarray(items), scales, item_ids, popularity, attr_indptr,
-                        attr_codes, attr_names)
+                        attr_codes, attr_names, attr_emb, id_mean)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import BundleError
 from ..scoring.quantize import quantize_rows
-from .format import (ATTR_CODES, ATTR_INDPTR, ATTR_NAMES, FORMAT_VERSION, ITEM_IDS, ITEMS_F32, ITEMS_I8,
+from .format import (ATTR_CODES, ATTR_EMB, ATTR_INDPTR, ATTR_NAMES, ID_MEAN, FORMAT_VERSION, ITEM_IDS, ITEMS_F32, ITEMS_I8,
                      ITEMS_SCALE, MANIFEST, POPULARITY, check_member_name, sha256_file)
 
 
@@ -44,9 +44,12 @@ def attribute_csr(item_attributes: Sequence[Sequence[str]]) -> tuple[np.ndarray,
 
 
 def stage_arrays(staged: str | os.PathLike, items: np.ndarray, item_ids: Sequence[str], popularity: np.ndarray,
-                 item_attributes: Sequence[Sequence[str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 item_attributes: Sequence[Sequence[str]] | None = None,
+                 compose: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Write a bundle's arrays into ``staged``: float32 items [N, d], their per-row int8 quantization
-    (``scoring.quantize_rows``), ids (N str), popularity float32 [N] and, when given, the attribute CSR.
+    (``scoring.quantize_rows``), ids (N str), popularity float32 [N] and, when given, the attribute CSR and
+    ``compose`` = (attribute-value embeddings float32 [V, d] in ``attribute_csr``'s name order, mean id embedding
+    float32 [d]), from which a node composes new items' embeddings (``serving/compose.py``).
 
     Returns:
         (int8 items [N, d], float32 scales [N]) as written.
@@ -73,6 +76,13 @@ def stage_arrays(staged: str | os.PathLike, items: np.ndarray, item_ids: Sequenc
         np.save(staged / ATTR_CODES, codes, allow_pickle=False)
         with open(staged / ATTR_NAMES, "w", encoding="utf-8") as f:
             json.dump(names, f)
+        if compose is not None:
+            attr_emb, id_mean = (np.ascontiguousarray(a, dtype=np.float32) for a in compose)
+            if attr_emb.shape != (len(names), items.shape[1]) or id_mean.shape != (items.shape[1],):
+                raise BundleError(f"compose arrays {attr_emb.shape} / {id_mean.shape} do not fit {len(names)} "
+                                  f"attribute values of d = {items.shape[1]}")
+            np.save(staged / ATTR_EMB, attr_emb, allow_pickle=False)
+            np.save(staged / ID_MEAN, id_mean, allow_pickle=False)
     return q, scales
 
 

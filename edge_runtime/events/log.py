@@ -18,6 +18,8 @@ state directory, written by one thread with group commit.
   the WAL, so no copy of them stays in the files.
 * Bounded: rows older than the retention TTL are erased, and when the live rows exceed ``max_bytes`` the oldest
   ``COMPACT_FRACTION`` are dropped (checked every ``COMPACT_EVERY_SECONDS`` and every ``COMPACT_EVERY_ROWS`` rows).
+  With shipping on (``fleet/shipper.py`` sets ``upstream_acked``), the rows removed before they were shipped are
+  counted in ``status["dropped_unshipped"]``.
 * Faults: a commit that fails (disk full, read-only or vanished state directory, I/O error) fails its requests
   with ``EventLogUnavailable`` (nothing of them is stored or acknowledged), counts the events as refused, marks the
   log ``degraded``, and is retried with the next request (at most every ``REOPEN_SECONDS`` a reopen), so the node
@@ -131,7 +133,8 @@ class EventLog:
         self._last_compact = time.monotonic()
         self.status = {"state": "closed", "path": str(self.path), "synchronous": synchronous, "last_error": None,
                        "committed": 0, "duplicates": 0, "refused": 0, "commits": 0, "compacted": 0,
-                       "forgotten": 0, "rows": 0, "bytes": 0, "recovered": None}
+                       "forgotten": 0, "rows": 0, "bytes": 0, "recovered": None, "dropped_unshipped": 0}
+        self.upstream_acked: int | None = None   # set by the shipper: the last seq the collector acknowledged
 
     # -- boot (before the event loop serves) -----------------------------------------------------------------
     def open(self) -> None:
@@ -233,6 +236,22 @@ class EventLog:
             copied += len(got)
         self._conn.execute("COMMIT")
         return copied
+
+    def ensure_seq_above(self, seq: int) -> None:
+        """Make the next sequence number exceed ``seq`` (before ``start``): a log rebuilt after damage must not hand
+        out numbers the collector already holds for this node. No-op when it already does or the log is closed."""
+        if self._conn is None or seq <= 0:
+            return
+        top = self._conn.execute("SELECT max(coalesce((SELECT max(seq) FROM events), 0), coalesce((SELECT seq FROM "
+                                 "sqlite_sequence WHERE name = 'events'), 0))").fetchone()[0]
+        if top >= seq:
+            return
+        self._conn.execute("BEGIN")
+        if self._conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events'", (seq,)).rowcount == 0:
+            self._conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)", (seq,))
+        self._conn.execute("COMMIT")
+        log.warning("event log %s: sequence numbers continue after %d (the last one shipped upstream), not %d",
+                    self.path, seq, top)
 
     def restore(self, since: float) -> Iterator[tuple[str, str, str, float]]:
         """(user pseudonym, item, event, ts) of the rows received at or after ``since`` under the current key,
@@ -563,6 +582,15 @@ class EventLog:
         self._maybe_compact(force=True)
 
     def _delete(self, sql: str, args: tuple) -> int:
+        """Run a compaction delete (``... WHERE seq < ?`` or the whole table), counting unshipped rows it drops."""
+        acked = self.upstream_acked
+        if acked is not None:
+            where = "seq > ?" + (" AND seq < ?" if args else "")
+            unshipped = self._conn.execute(f"SELECT count(*) FROM events WHERE {where}", (acked, *args)).fetchone()[0]
+            if unshipped:
+                self.status["dropped_unshipped"] += unshipped
+                log.warning("event log: the size cap or retention removed %d events not yet shipped upstream",
+                            unshipped)
         n = self._conn.execute(sql, args).rowcount
         self.status["rows"] = max(0, self.status["rows"] - n)
         return n

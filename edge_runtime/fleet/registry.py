@@ -8,7 +8,7 @@ Methods (params: one map; the registry is announced over zeroconf as ``_edgerec-
 * ``manifest {version}`` -> ``{version, manifest: bin (the exact manifest.json bytes), signature: map}``.
 * ``fetch {version, file, offset?, length?}`` -> ``{data: bin, size: int (whole file, bytes), eof: bool}``;
   ``length`` is capped at ``const.MAX_CHUNK_BYTES``.
-* ``health {}`` (registry only) -> ``{status, role, versions, latest, bytes_served, uptime_s}``.
+* ``health {}`` (registry only) -> ``{status, role, versions, latest, bytes_served, uptime_s, collector?}``.
 """
 from __future__ import annotations
 
@@ -65,10 +65,14 @@ class RegistryService:
         self.methods = store_methods(self.store)
         self.methods.add("health", self.health)
         self.started = time.time()
+        self.collector = None   # fleet.collector.CollectorStore when the registry also collects events
 
     def health(self, p: dict) -> dict:
         check_keys(p, (), (), "health")
         latest = self.store.latest(None)
-        return {"status": "ok", "role": "registry", "versions": len(self.store.versions()),
-                "latest": latest["version"] if latest else None, "bytes_served": self.store.bytes_served,
-                "uptime_s": round(time.time() - self.started, 3)}
+        out = {"status": "ok", "role": "registry", "versions": len(self.store.versions()),
+               "latest": latest["version"] if latest else None, "bytes_served": self.store.bytes_served,
+               "uptime_s": round(time.time() - self.started, 3)}
+        if self.collector is not None:
+            out["collector"] = self.collector.health()
+        return out

@@ -24,6 +24,9 @@ is read from the service when scraped (``_ServiceCollector``), so an idle daemon
 ``edgerec_active_shoppers{window}``          distinct shoppers in the last 5m / 1h (HyperLogLog)
 ``edgerec_top_item_events_1h{event,rank,``   events of the hour's most viewed / carted / purchased items
 ``item}``
+``edgerec_upstream_state{state}``            with shipping on: 1 for the state (starting, ok, offline, refused);
+                                             ``edgerec_upstream_pending_events``, ``..._shipped_events_total``,
+                                             ``..._dropped_unshipped_events_total``, ``..._forgets_pending``
 ``process_resident_memory_bytes``            RSS (bytes), with the other ``process_*`` families of
                                              prometheus_client's ProcessCollector (Linux)
 ==========================================  =====================================================================
@@ -46,6 +49,7 @@ log = logging.getLogger("edgerec")
 
 BUCKETS = const.LATENCY_BUCKETS
 SYNC_STATES = ("starting", "idle", "downloading", "warming", "offline")
+UPSTREAM_STATES = ("starting", "ok", "offline", "refused")
 MAX_HTTP_CONNECTIONS = const.MAX_HTTP_CONNECTIONS
 HTTP_TIMEOUT_S = const.HTTP_TIMEOUT_SECONDS
 
@@ -129,6 +133,22 @@ class _ServiceCollector:
             for rank, (item, count) in enumerate(rows, 1):
                 top.add_metric([t, str(rank), item], count)
         yield top
+        up = getattr(s, "upstream", None)
+        if up is not None:
+            st = up.status
+            state = g("edgerec_upstream_state", "event shipping state (1 for the current one)", labels=["state"])
+            for name in UPSTREAM_STATES:
+                state.add_metric([name], 1.0 if st["state"] == name else 0.0)
+            yield state
+            yield g("edgerec_upstream_pending_events", "committed events not yet acknowledged by the collector",
+                    value=float(st["pending"] or 0))
+            yield CounterMetricFamily("edgerec_upstream_shipped_events", "events acknowledged by the collector",
+                                      value=st["shipped"])
+            yield CounterMetricFamily("edgerec_upstream_dropped_unshipped_events",
+                                      "events the log's size cap or retention removed before they were shipped",
+                                      value=st["dropped_unshipped"])
+            yield g("edgerec_upstream_forgets_pending", "erasures owed to the collector",
+                    value=float(st["forgets_pending"]))
         sync = self.sync
         if sync is not None:
             st = g("edgerec_sync_state", "model sync state (1 for the current one)", labels=["state"])

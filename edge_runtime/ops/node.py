@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import socket
+import sqlite3
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,12 +24,14 @@ from typing import Callable
 from .. import const, scoring
 from ..bundle.signing import load_public_keys, verify_bundle
 from ..config import split_hostport
-from ..errors import BundleError, EdgeRuntimeError
+from ..errors import BundleError, ConfigError, EdgeRuntimeError
 from ..events.log import EventLog
 from ..events.pseudonym import Pseudonymizer, load_key
 from ..fleet.announce import NodeAnnouncer, RegistryAnnouncer
 from ..fleet.discovery import Discovery, is_loopback
+from ..fleet.collector import CollectorStore
 from ..fleet.registry import PEER_METHODS, RegistryService, store_methods
+from ..fleet.shipper import RpcTransport, Shipper, read_upstream_state
 from ..fleet.sync import SyncManager
 from ..serving.memory import limit_blas_threads, limit_malloc_arenas
 from ..serving.model import Model
@@ -43,7 +46,9 @@ log = logging.getLogger("edgerec")
 # settings a SIGHUP cannot change (they hold sockets, threads or files); a change is logged and waits for a restart
 RESTART_ONLY = ("server.host", "server.port", "server.unix", "server.threads", "sync.state_dir", "sync.trusted_keys",
                 "sync.discovery", "sync.node_id", "metrics.host", "metrics.port", "model.precision", "events.enabled",
-                "events.synchronous", "events.pseudonym_key", "events.session_ttl_seconds")
+                "events.synchronous", "events.pseudonym_key", "events.session_ttl_seconds", "events.upstream",
+                "events.transport", "events.nats_url", "events.ship_batch", "events.ship_interval_seconds",
+                "events.ship_max_backoff")
 
 
 def _boot_model(cfg: dict) -> tuple[Model | None, SyncManager | None]:
@@ -84,6 +89,60 @@ def open_events(cfg: dict) -> tuple[EventLog | None, Pseudonymizer | None]:
     return events, pseudonym
 
 
+def default_node_id(state_dir: str, port: int | None) -> str:
+    """``sync.node_id`` when none is configured: with a state directory, ``HOSTNAME-<8 hex>`` made once and kept in
+    ``<state_dir>/node_id`` (two nodes on one host, or a node whose port changes, keep distinct, stable ids: the
+    collector tells nodes apart by it); without one, ``HOSTNAME-PORT``."""
+    host = socket.gethostname()
+    if not state_dir:
+        return f"{host}-{port if port is not None else 'unix'}"
+    path = Path(state_dir) / const.NODE_ID_FILE
+    try:
+        got = path.read_text(encoding="utf-8").strip()
+        if got and len(got) <= const.MAX_ID_CHARS:
+            return got
+    except OSError:
+        pass
+    node_id = f"{host[:200]}-{os.urandom(4).hex()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(node_id + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return node_id
+
+
+def shipping_on(cfg: dict) -> bool:
+    return bool(cfg["events"]["upstream"]) or cfg["events"]["transport"] == "nats"
+
+
+def make_shipper(cfg: dict, events: EventLog, sync: SyncManager | None, node_id: str) -> Shipper | None:
+    """The upstream shipper: ``[events] transport = "nats"`` publishes to JetStream at ``nats_url``; else
+    ``upstream`` names the collector (None when it is '': no shipping).
+
+    Raises:
+        ConfigError: ``upstream = "registry"`` without model sync to follow a registry.
+    """
+    ev = cfg["events"]
+    if not shipping_on(cfg):
+        return None
+    if not 0 < len(node_id) <= const.MAX_ID_CHARS:
+        raise ConfigError(f"sync.node_id must be 1 to {const.MAX_ID_CHARS} characters to ship events, got "
+                          f"{len(node_id)}")
+    if ev["transport"] == "nats":
+        from ..fleet.nats_transport import NatsTransport   # nats-py only where the NATS transport is used
+        transport = NatsTransport(ev["nats_url"])
+    elif ev["upstream"] == "registry":
+        if sync is None:
+            raise ConfigError("events.upstream = 'registry' needs model sync (sync.state_dir and sync.trusted_keys) "
+                              "to know the registry; or give the collector's HOST:PORT")
+        transport = RpcTransport(sync.registry_address)
+    else:
+        addr = split_hostport(ev["upstream"])
+        transport = RpcTransport(lambda: addr)
+    return Shipper(events, node_id, cfg["sync"]["state_dir"], transport, batch_events=ev["ship_batch"],
+                   interval=ev["ship_interval_seconds"], max_backoff=ev["ship_max_backoff"])
+
+
 def wire_sync(service: Service, swapper: ModelSwapper, sync: SyncManager) -> None:
     """Model sync on a node: installs go through ``swapper``, ``health`` shows the sync state, peers may call
     ``versions`` / ``manifest`` / ``fetch`` on this node's verified bundles, operators ``rollback``."""
@@ -116,12 +175,20 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
     if not syn["state_dir"] and syn["registry"]:
         log.error("sync.registry needs sync.state_dir (where verified bundles are kept)")
         return 2
+    node_id = syn["node_id"] or default_node_id(syn["state_dir"], port)
     try:
         events, pseudonym = open_events(cfg)
         model, sync = _boot_model(cfg)
+        shipper = make_shipper(cfg, events, sync, node_id) if events is not None else None
     except (BundleError, ValueError, OSError) as exc:
         log.error("cannot serve: %s", exc)
         return 2
+    if shipping_on(cfg) and events is None:
+        log.error("shipping events upstream (events.upstream, events.transport) needs the event log "
+                  "(sync.state_dir, events.enabled = true)")
+        return 2
+    if shipper is not None:   # a log rebuilt after damage must not reuse sequence numbers already shipped
+        events.ensure_seq_above(read_upstream_state(syn["state_dir"]).get("acked", 0))
     if model is not None:
         log.info("loaded bundle %s: model %s, %d items, d=%d, load %.2f s", model.path, model.version,
                  model.num_items, model.dim, model.load_seconds)
@@ -130,11 +197,13 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
     executor = concurrent.futures.ThreadPoolExecutor(srv["threads"], thread_name_prefix="score")
     service = Service(None, executor, max_sessions=lim["max_sessions"], session_events=lim["session_events"],
                       cache_entries=lim["cache_entries"], cache_items=lim["cache_items"], events=events,
-                      pseudonym=pseudonym)
+                      pseudonym=pseudonym,
+                      added_items=Path(syn["state_dir"]) / const.ADDED_ITEMS_FILE if syn["state_dir"] else None)
     swapper = ModelSwapper(service)
     methods = service.methods
     if sync is not None:
         wire_sync(service, swapper, sync)
+    service.upstream = shipper
     metrics = Metrics(service, methods, sync)
     methods.add("stats", metrics.rpc_stats)
     state = {"cfg": cfg}
@@ -215,8 +284,9 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
         if sync is not None:
             sync.discovery = discovery
             components.append(sync)
+        if shipper is not None:
+            components.append(shipper)
         if discovery is not None:
-            node_id = syn["node_id"] or f"{socket.gethostname()}-{port}"
             if sync is not None:
                 sync.node_id = node_id
             ann = NodeAnnouncer(discovery, service, node_id)
@@ -244,11 +314,25 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
 
 
 def run_registry(bundles: str | os.PathLike, host: str, port: int, discovery: bool = True,
-                 name: str | None = None) -> int:
+                 name: str | None = None, collect: str | os.PathLike | None = None,
+                 nodes: list[str] | None = None) -> int:
     """Serve the published versions in ``bundles`` (``fleet.registry``) until SIGTERM, announced over zeroconf
-    unless ``discovery`` is False. Returns the exit status (2 when it cannot listen)."""
+    unless ``discovery`` is False; with ``collect`` (a directory), also the collector of the events nodes ship
+    (``fleet.collector``: ``ingest``, ``ingest_cursor``; ``nodes`` = the node ids allowed, None = any). Returns the
+    exit status (2 when it cannot start)."""
     os.makedirs(bundles, exist_ok=True)
     service = RegistryService(bundles)
+    collector = None
+    if collect:
+        try:
+            collector = CollectorStore(Path(collect) / const.COLLECTOR_DB, nodes)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot open the collector in %s: %s", collect, exc)
+            return 2
+        service.methods.update(collector.methods())
+        service.collector = collector
+        log.info("collector %s: %d events stored; nodes %s", collector.path, collector.count(),
+                 "any" if nodes is None else sorted(nodes))
 
     async def main() -> None:
         components, disc = [], None
@@ -261,6 +345,58 @@ def run_registry(bundles: str | os.PathLike, host: str, port: int, discovery: bo
         finally:
             if disc is not None:
                 await disc.close()
+            if collector is not None:
+                collector.close()
 
     return run_listening(main)
 
+
+
+def run_collector(nats_url: str, collect: str | os.PathLike, nodes: list[str] | None = None,
+                  stream: str = const.NATS_STREAM, durable: str = "edgerec-collector", replicas: int = 1) -> int:
+    """``edgerec collect``: read the events nodes publish to NATS JetStream (``fleet.nats_transport.NatsFeed``)
+    into ``collect``/collected.db (the store ``edgerec registry --collect`` keeps) until SIGTERM / SIGINT; a server
+    that is away is waited for. Returns the exit status: 0 after a signal, 2 when the store cannot be opened or the
+    stream exists with settings that lose acknowledged batches (memory storage, async persistence)."""
+    import signal
+
+    from ..fleet.nats_transport import NatsFeed   # nats-py only where the NATS transport is used
+
+    try:
+        store = CollectorStore(Path(collect) / const.COLLECTOR_DB, nodes)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("cannot open the collector in %s: %s", collect, exc)
+        return 2
+    log.info("collector %s: %d events stored; nodes %s", store.path, store.count(),
+             "any" if nodes is None else sorted(nodes))
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        feed = NatsFeed(store, nats_url, stream, durable, replicas=replicas)
+        await feed.start()
+        ready = asyncio.ensure_future(feed.ready.wait())
+        ready.add_done_callback(lambda f: f.cancelled() or systemd.notify("READY=1\nSTATUS=collecting"))
+        waiter = asyncio.ensure_future(stop.wait())
+        running = asyncio.ensure_future(feed.wait())
+        try:
+            await asyncio.wait([waiter, running], return_when=asyncio.FIRST_COMPLETED)
+            if running.done() and running.exception() is not None:
+                log.error("cannot collect: %s", running.exception())
+                return 2
+            systemd.notify("STOPPING=1")
+            return 0
+        finally:
+            for t in (ready, waiter):
+                t.cancel()
+            await feed.stop()
+            h = feed.health()
+            log.info("collector stopped: %d batches, %d events stored, %d duplicates, terminated %s", h["batches"],
+                     h["stored"], h["duplicates"], h["terminated"] or "none")
+
+    try:
+        return asyncio.run(main())
+    finally:
+        store.close()

@@ -3,10 +3,13 @@ index for category filters, the popularity list; and ``check_model``, the one ch
 served.
 
 A ``Model`` is immutable once loaded, so a request that took a reference to it finishes on it even if the daemon
-swaps in another one meanwhile.
+swaps in another one meanwhile. Items added at the node (``add_items``) do not change it either: ``with_items``
+returns a new ``Model`` (the same encoder and bundle, new item arrays with the composed rows appended) that the
+service swaps in by reference.
 """
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -19,6 +22,8 @@ import numpy as np
 from .. import const, scoring
 from ..bundle.format import read_arrays
 from ..errors import BundleError
+from ..scoring.quantize import quantize_rows
+from .compose import compose_items
 from .encoder import Encoder
 
 __all__ = ["Encoder", "Model", "check_model"]
@@ -58,6 +63,9 @@ class Model:
         item_ids: external id (str) by item row; ``index`` maps id -> row.
         items / scales: the item matrix scanned by ``topk`` (int8 + float32 scales, or float32 with scales None).
         max_len: the encoder's window L.
+        bundle_items: rows from the bundle (the encoder knows them); rows from there on are items added at the
+            node (``with_items``), ``num_added`` of them, whose ids and attributes ``added`` holds.
+        attr_emb / id_mean: the bundle's compose arrays (float32 [V, d] / [d]), or None.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, precision: str = "int8", verify: bool = True,
@@ -82,6 +90,11 @@ class Model:
         self.attr_indptr = arrays.attr_indptr
         attr_codes, attr_names = arrays.attr_codes, arrays.attr_names
         n = len(self.item_ids)
+        self.attr_names, self.attr_emb, self.id_mean = attr_names, arrays.attr_emb, arrays.id_mean
+        self.bundle_items, self.num_added = n, 0
+        self.added: dict[str, tuple[str, ...]] = {}
+        self._item_mean: np.ndarray | None = None
+        self._attr_index: dict[str, int] | None = None
         self.encoder = Encoder(arrays.encoder_path, threads)
         self.index = {item: row for row, item in enumerate(self.item_ids)}
         # [N, 1] float32 so the popularity list runs through the same top-k scan (and filters) as model scores.
@@ -107,6 +120,107 @@ class Model:
     @property
     def num_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def has_attributes(self) -> bool:
+        """Whether category filters apply: the bundle has an attribute table, or added items brought attributes."""
+        return self.attr_indptr is not None or bool(self.attr_rows)
+
+    def trained(self, item: str) -> bool:
+        """Whether ``item`` has a row from the bundle (not one added at the node)."""
+        row = self.index.get(item)
+        return row is not None and row < self.bundle_items
+
+    def item_mean(self) -> np.ndarray:
+        """float32 [d]: the mean of the bundle's item rows (dequantized for int8), computed once, in blocks of
+        ``const.ITEM_MEAN_BLOCK_ROWS`` rows (no float32 copy of the whole matrix)."""
+        if self._item_mean is None:
+            acc = np.zeros(self.dim, dtype=np.float64)
+            for lo in range(0, self.bundle_items, const.ITEM_MEAN_BLOCK_ROWS):
+                hi = min(lo + const.ITEM_MEAN_BLOCK_ROWS, self.bundle_items)
+                block = self.items[lo:hi].astype(np.float32)
+                if self.scales is not None:
+                    block *= self.scales[lo:hi, None]
+                acc += block.sum(axis=0, dtype=np.float64)
+            self._item_mean = (acc / max(1, self.bundle_items)).astype(np.float32)
+        return self._item_mean
+
+    def compose(self, attributes: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of new items from their attribute values (``compose.compose_items``, the trainer's rule: the
+        bundle's mean id row + the mean embedding of the values it knows; without compose arrays in the bundle, or
+        without a known value, the mean item embedding ``item_mean``).
+
+        Returns:
+            (float32 [M, d], int64 [M] known attribute values each was built from).
+        """
+        if self.attr_emb is not None and self._attr_index is None:
+            self._attr_index = {v: j for j, v in enumerate(self.attr_names)}
+        return compose_items(attributes, self._attr_index or {}, self.attr_emb, self.id_mean, self.item_mean())
+
+    def with_items(self, items: Sequence[tuple[str, tuple[str, ...]]]) -> tuple["Model", np.ndarray]:
+        """A new model serving this one's items plus ``items`` [(id, attribute values)]: an id new to this model
+        gets the next row, an id added earlier (row >= ``bundle_items``) gets its row recomposed with the new
+        attributes. Rows are composed by ``compose`` and stored as the served matrix is (int8 rows quantized per
+        row by ``quantize_rows``, or float32); popularity 0. The attribute filter index gains the rows under every
+        value (values the model has no embedding for included). This model is left as it is (a scan running on
+        it is unaffected); the copy costs O(N d) bytes of the item matrix plus the O(N) id index.
+
+        Returns:
+            (the new model, int64 [M] known attribute values each item was composed from; 0 = mean item).
+
+        Raises:
+            ValueError: an id is one of the bundle's trained items, or appears twice in ``items``.
+        """
+        ids = [it for it, _ in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("with_items: an id appears twice")
+        emb, known = self.compose([attrs for _, attrs in items])
+        new = copy.copy(self)
+        new.index, new.item_ids, new.added = dict(self.index), list(self.item_ids), dict(self.added)
+        rows = np.empty(len(items), dtype=np.int64)
+        drops: dict[str, list[int]] = {}
+        adds: dict[str, list[int]] = {}
+        for j, (it, attrs) in enumerate(items):
+            row = new.index.get(it)
+            if row is None:
+                row = new.index[it] = len(new.item_ids)
+                new.item_ids.append(it)
+            elif row < self.bundle_items:
+                raise ValueError(f"with_items: {it!r} is a trained item of model {self.version}")
+            else:
+                for v in new.added[it]:
+                    drops.setdefault(v, []).append(row)
+            new.added[it] = tuple(attrs)
+            rows[j] = row
+            for v in dict.fromkeys(attrs):
+                adds.setdefault(v, []).append(row)
+        n, total = self.num_items, len(new.item_ids)
+        new.num_added = total - self.bundle_items
+        new.items = np.empty((total, self.dim), dtype=self.items.dtype)
+        new.items[:n] = self.items
+        if self.scales is not None:
+            q, s = quantize_rows(emb)
+            new.scales = np.empty(total, dtype=np.float32)
+            new.scales[:n] = self.scales
+            new.items[rows], new.scales[rows] = q, s
+        else:
+            new.items[rows] = emb
+        new.popularity = np.zeros(total, dtype=np.float32)
+        new.popularity[:n] = self.popularity
+        new.popularity_column = new.popularity.reshape(-1, 1)
+        new.attr_rows = dict(self.attr_rows)
+        for v in drops.keys() | adds.keys():
+            old = new.attr_rows.get(v, np.empty(0, dtype=np.int64))
+            if v in drops:
+                old = old[~np.isin(old, drops[v])]
+            rows_v = np.concatenate([old, np.asarray(adds.get(v, ()), dtype=np.int64)])
+            if len(rows_v):
+                new.attr_rows[v] = rows_v
+            else:
+                new.attr_rows.pop(v, None)
+        new._attr_masks = OrderedDict()
+        new._attr_lock = threading.Lock()
+        return new, known
 
     def rows(self, items: Iterable[str]) -> tuple[list[int], list[str]]:
         """External ids -> (known rows in order, unknown ids in first-seen order, deduplicated). O(len(items))."""
@@ -157,5 +271,6 @@ class Model:
                 "dataset": {k: m.get("dataset", {}).get(k) for k in ("path", "format", "fingerprint")},
                 "metrics": {name: {k: v for k, v in vals.items() if k in ("HR@10", "NDCG@10")}
                             for name, vals in test.items()},
-                "has_attributes": self.attr_indptr is not None, "bundle": str(self.path),
+                "has_attributes": self.has_attributes, "added_items": self.num_added,
+                "can_compose": self.attr_emb is not None, "bundle": str(self.path),
                 "files": sorted(m.get("files", {}))}

@@ -22,6 +22,13 @@ Methods (params: one map):
   in-memory session are erased on this node.
 * ``set_availability {items: [...], in_stock: bool}`` -> ``{ok: true, out_of_stock}``: out-of-stock items are never
   recommended (an allow-mask in the scan).
+* ``add_items {items: [{id, attributes?: [str, ...]}, ...]}`` -> ``{ok: true, added, updated, known: [ids],
+  composed_from: {id: n}}``: items the model has never seen, recommended at once with an embedding composed from
+  their attribute values (``compose.py``; ``composed_from`` = known values used, 0 = the mean item embedding). An
+  id the model was trained on, or added before with the same attributes, is listed in ``known`` and left as it is;
+  one added before with other attributes is recomposed (``updated``). The batch is validated as a whole first.
+  Added items survive a model swap (recomposed from the new bundle unless it knows them) and, with a state
+  directory, a restart (``const.ADDED_ITEMS_FILE``).
 * ``health`` -> ``{status, model_version, uptime_s, ...}``; ``model_info`` -> the manifest summary.
 """
 from __future__ import annotations
@@ -29,15 +36,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
 import numpy as np
 
 from .. import const, scoring
-from ..errors import InvalidParams, ModelNotLoadedError, SwapError
+from ..errors import EdgeRuntimeError, InvalidParams, ModelNotLoadedError, SwapError
 from ..events.analytics import Analytics
 from ..events.log import Event, EventLog, settle
 from ..rpc.methods import (MethodTable, as_bool, as_id, as_id_list, as_int, as_str, as_ts, check_keys, short,
@@ -66,6 +76,76 @@ def as_event(p: dict, where: str) -> tuple[str, str, str, float | None, str | No
     return as_id(p["user"], f"{prefix}user"), as_id(p["item"], f"{prefix}item"), event, ts, eid
 
 
+def as_new_item(p: Any, where: str) -> tuple[str, tuple[str, ...]]:
+    """Validate one ``add_items`` entry -> (id, attribute values: distinct, sorted, so the same set compares
+    equal whatever its order); error messages name ``where`` (e.g. ``items[3]``)."""
+    if not isinstance(p, dict):
+        raise InvalidParams(f"{where} must be a map {{id, attributes?}}, got {type_name(p)}")
+    check_keys(p, ("id", "attributes"), ("id",), where)
+    attrs = p.get("attributes")
+    attrs = [] if attrs is None else attrs
+    if not isinstance(attrs, (list, tuple)):
+        raise InvalidParams(f"'{where}.attributes' must be an array of strings, got {type_name(attrs)}")
+    if len(attrs) > const.MAX_ITEM_ATTRIBUTES:
+        raise InvalidParams(f"'{where}.attributes' holds {len(attrs)} values; at most {const.MAX_ITEM_ATTRIBUTES}")
+    values = [as_str(v, f"{where}.attributes[{i}]", const.MAX_ATTRIBUTE_CHARS) for i, v in enumerate(attrs)]
+    return as_id(p["id"], f"{where}.id"), tuple(sorted(set(values)))
+
+
+def parse_new_items(items: Any, name: str = "items", limit: int = const.MAX_ADD_ITEMS) -> list[tuple[str, tuple]]:
+    """A whole ``add_items`` batch (or the added-items file), checked before anything is applied.
+
+    Raises:
+        InvalidParams: not an array, more than ``limit`` entries, a bad entry or an id given twice (names it).
+    """
+    if not isinstance(items, (list, tuple)):
+        raise InvalidParams(f"'{name}' must be an array of {{id, attributes?}}, got {type_name(items)}")
+    if len(items) > limit:
+        raise InvalidParams(f"'{name}' holds {len(items)} items; at most {limit} per call")
+    out = [as_new_item(e, f"{name}[{i}]") for i, e in enumerate(items)]
+    first: dict[str, int] = {}
+    for i, (it, _) in enumerate(out):
+        j = first.setdefault(it, i)
+        if j != i:
+            raise InvalidParams(f"'{name}[{i}].id' {short(it)} repeats {name}[{j}]")
+    return out
+
+
+def read_added(path: Path) -> dict[str, tuple[str, ...]]:
+    """The added-items file -> {id: attribute values}; {} when it does not exist.
+
+    Raises:
+        ValueError: the file is not valid JSON of the expected shape (``InvalidParams`` names the entry).
+        OSError: it cannot be read.
+    """
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("format") != 1:
+        raise ValueError("not an added-items file of format 1")
+    return dict(parse_new_items(doc.get("items"), "items", const.MAX_ADDED_ITEMS))
+
+
+def write_added(path: Path, added: dict[str, tuple[str, ...]]) -> None:
+    """Write the added-items file atomically (a temporary file beside it, fsynced, renamed over it; the directory
+    is created if missing).
+
+    Raises:
+        OSError: it cannot be written (the previous file is left as it was).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)   # the state directory, as the event log creates it
+    tmp = path.with_name(path.name + ".tmp")
+    body = json.dumps({"format": 1, "items": [{"id": it, "attributes": list(a)} for it, a in added.items()]},
+                      separators=(",", ":"))
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------------------- service
 class Service:
     """The daemon's state: current model, sessions, result cache, availability, counters.
@@ -76,16 +156,22 @@ class Service:
         events: the durable event log (started), or None: events then live in memory only.
         pseudonym: raw shopper id -> the id the node keys sessions, the cache and the log by
             (``events.pseudonym.Pseudonymizer``); None keeps raw ids (only without a log).
+        added_items: the added-items file (``const.ADDED_ITEMS_FILE`` in the state directory), or None: items
+            added by ``add_items`` then live in memory only. Read here (a damaged file is set aside as
+            ``.bad`` and logged); its items are composed onto the first model swapped in.
 
     Attributes:
         methods: the ``MethodTable`` of the API (the RPC server dispatches to it).
         sync: the node's model sync (``fleet.sync.SyncManager``) when it has one; ``health`` shows its state.
+        added: {id: attribute values} of every item added at this node that no model served since was trained on
+            (what the next model gets composed onto it, what the added-items file holds).
     """
 
     def __init__(self, model: Model | None, executor: concurrent.futures.Executor | None = None,
                  max_sessions: int = const.MAX_SESSIONS, session_events: int = const.SESSION_EVENTS,
                  cache_entries: int = const.CACHE_ENTRIES, cache_items: int = const.CACHE_ITEMS,
-                 events: EventLog | None = None, pseudonym: Callable[[str], str] | None = None):
+                 events: EventLog | None = None, pseudonym: Callable[[str], str] | None = None,
+                 added_items: str | os.PathLike | None = None):
         if events is not None and pseudonym is None:
             raise ValueError("an event log needs a pseudonymizer: raw shopper ids are never stored")
         self.model = model
@@ -102,13 +188,30 @@ class Service:
         self._in_stock = np.ones(model.num_items if model is not None else 0, dtype=bool)
         self._stock_bits: np.ndarray | None = None
         self.sync = None
+        self.upstream = None   # fleet.shipper.Shipper when events are shipped upstream (ops/node.py)
         self._stock_version = 0
         self.started = time.time()
+        self.added_path = Path(added_items) if added_items is not None else None
+        self.added: dict[str, tuple[str, ...]] = {}
+        if self.added_path is not None:
+            try:
+                self.added = read_added(self.added_path)
+            except (OSError, ValueError) as exc:
+                log.error("added items %s unreadable, set aside as .bad: %s", self.added_path, exc)
+                try:
+                    os.replace(self.added_path, self.added_path.with_name(self.added_path.name + ".bad"))
+                except OSError:
+                    pass
+        if model is not None and self.added:   # a model given here directly (not through the swap path)
+            self.model = self.with_added(model)
+            self._in_stock = np.ones(self.model.num_items, dtype=bool)
+        self._items_lock: asyncio.Lock | None = None
         logged = events is not None   # the logged handlers return a future: the reply waits for the commit
         self.methods = MethodTable({
             "recommend": (self.recommend, True),
             "track": (self.track_logged if logged else self.track, False),
             "track_batch": (self.track_batch_logged if logged else self.track_batch, False),
+            "add_items": (self.add_items, True),
             "set_availability": (self.set_availability, False),
             "session": (self.session, False),
             "forget": (self.forget, True),
@@ -134,7 +237,10 @@ class Service:
 
     def swap_model(self, model: Model | None) -> None:
         """Serve ``model`` (None: no model) from now on; requests already running finish on the model they started
-        with. Use ``swap.ModelSwapper.activate``, which checks the served path and rolls back."""
+        with. Use ``swap.ModelSwapper.activate``, which checks the served path and rolls back (and composes the
+        added items in a worker thread first); here, items of ``added`` that ``model`` lacks are composed inline."""
+        if model is not None:
+            model = self.with_added(model)
         old, self.model = self.model, model
         n = model.num_items if model is not None else 0
         self._in_stock = np.ones(n, dtype=bool)
@@ -171,7 +277,7 @@ class Service:
             if not values:
                 raise InvalidParams("'filters.category' must name at least one category")
             categories = tuple(sorted(set(as_id_list(values, "filters.category", const.MAX_FILTER_VALUES))))
-            if model.attr_indptr is None:
+            if not model.has_attributes:
                 raise InvalidParams("'filters.category': the loaded model has no item attributes")
         exclude = as_id_list(f.get("exclude", []), "filters.exclude", const.MAX_HISTORY_IDS)
         return categories, exclude
@@ -202,6 +308,8 @@ class Service:
         excl_rows, _ = model.rows(exclude_ids)
         if exclude_seen:
             excl_rows = excl_rows + rows
+        if model.num_added:   # added items have no row in the encoder's table: excluded when seen, not encoded
+            rows = [r for r in rows if r < model.bundle_items]
         stock_bits = self._stock_bits
         loop = asyncio.get_running_loop()
         ids, scores = await loop.run_in_executor(self.executor, self._score, model, rows, k, excl_rows, categories,
@@ -209,7 +317,8 @@ class Service:
         result = {"items": [model.item_ids[i] for i in ids], "scores": scores.tolist(),
                   "model_version": model.version, "ignored": ignored,
                   "source": "model" if rows else "popularity"}
-        if cache_key is not None:
+        # add_items keeps the version but clears the cache: a result scored on the model before it is not cached
+        if cache_key is not None and self.model is model:
             # Only cache if no event arrived for this user while scoring ran.
             now = self.sessions.get(user)
             if (now.version if now else 0) == (session.version if session else 0):
@@ -300,7 +409,8 @@ class Service:
         return {"events": [{"item": it, "event": ev, "ts": ts} for it, ev, ts in (s.events if s else ())]}
 
     async def forget(self, p: dict) -> dict:
-        """Erase a shopper on this node: logged events (``removed``) and the in-memory session and results.
+        """Erase a shopper on this node: logged events (``removed``) and the in-memory session and results; with
+        shipping on, the erasure is queued durably for the collector (``upstream: "queued"``).
 
         Raises:
             EventLogUnavailable: the log could not erase them now (the session is kept too; retry).
@@ -310,7 +420,11 @@ class Service:
         removed = await self.events.forget(user) if self.events is not None else 0
         held = self.sessions.drop(user)
         self.cache.invalidate(user)
-        return {"ok": True, "removed": removed, "session_events": held}
+        out = {"ok": True, "removed": removed, "session_events": held}
+        if self.upstream is not None:   # the events already shipped: erased at the collector too
+            self.upstream.forget(user)
+            out["upstream"] = "queued"
+        return out
 
     def set_availability(self, p: dict) -> dict:
         check_keys(p, ("items", "in_stock"), ("items", "in_stock"), "set_availability")
@@ -331,6 +445,113 @@ class Service:
         self._stock_version += 1
         return {"ok": True, "out_of_stock": len(self.out_of_stock)}
 
+    # -- new items -------------------------------------------------------------------------------------------
+    def items_lock(self) -> asyncio.Lock:
+        """Held by ``add_items`` and by ``swap.ModelSwapper.activate`` around a swap: an add never lands between
+        a new model's composition and its swap (created on the event loop's first use)."""
+        if self._items_lock is None:
+            self._items_lock = asyncio.Lock()
+        return self._items_lock
+
+    def with_added(self, model: Model) -> Model:
+        """``model`` with the items of ``added`` that it was not trained on composed onto it (``Model.with_items``;
+        those it already holds with the same attributes are kept); ``model`` itself when there are none. Safe in a
+        worker thread (reads ``added``, which only the event loop replaces, and builds a new model)."""
+        todo = [(it, attrs) for it, attrs in self.added.items()
+                if not model.trained(it) and model.added.get(it) != attrs]
+        if not todo:
+            return model
+        t0 = time.perf_counter()
+        new, _ = model.with_items(todo)
+        log.info("model %s: %d added items composed (%s) in %.1f ms", model.version, len(todo),
+                 "attributes" if model.attr_emb is not None else "no compose arrays: the mean item embedding",
+                 (time.perf_counter() - t0) * 1e3)
+        return new
+
+    def retire_known(self) -> int:
+        """Drop from ``added`` the items the served model was trained on (its rows serve them now) and rewrite the
+        added-items file; returns how many. Run by the swap path once a model passed its served check (a rollback
+        before that keeps them). A file that cannot be written is logged (it is rewritten at the next change)."""
+        m = self.model
+        if m is None or not self.added:
+            return 0
+        known = [it for it in self.added if m.trained(it)]
+        if known:
+            self.added = {it: a for it, a in self.added.items() if not m.trained(it)}
+            log.info("model %s was trained on %d added items; they leave the added set", m.version, len(known))
+            if self.added_path is not None:
+                try:
+                    write_added(self.added_path, self.added)
+                except OSError as exc:
+                    log.error("cannot rewrite added items %s: %s", self.added_path, exc)
+        return len(known)
+
+    def _serve_added(self, model: Model) -> None:
+        """Serve ``model``, the current model plus added rows (same rows below ``num_items``, new ones after):
+        the stock mask grows by the new rows (out-of-stock ids applied), every cached result is dropped."""
+        old_in = self._in_stock
+        in_stock = np.ones(model.num_items, dtype=bool)
+        in_stock[:len(old_in)] = old_in
+        if self.out_of_stock:
+            new_rows = [r for r in model.rows(self.out_of_stock)[0] if r >= len(old_in)]
+            in_stock[new_rows] = False
+        self.model, self._in_stock = model, in_stock
+        self._stock_bits = scoring.pack_mask(in_stock) if self.out_of_stock else None
+        self._stock_version += 1
+        self.cache.clear()
+
+    def _build_added(self, model: Model, todo: list, added: dict) -> tuple[Model, np.ndarray]:
+        """Worker thread: ``model`` with ``todo`` composed onto it, and the added-items file rewritten to ``added``
+        (before anything is served: an acknowledged add survives a restart)."""
+        new, known = model.with_items(todo)
+        if self.added_path is not None:
+            try:
+                write_added(self.added_path, added)
+            except OSError as exc:
+                raise EdgeRuntimeError(f"add_items: cannot store the added items in {self.added_path} ({exc}); "
+                                       f"nothing was added") from None
+        return new, known
+
+    async def add_items(self, p: dict) -> dict:
+        """``add_items {items: [{id, attributes?}, ...]}``: see the module docstring.
+
+        The new model (``Model.with_items``: a copy of the item matrix with the composed rows, O(N d) bytes) is
+        built in a worker thread and swapped in by reference on the event loop, so a scan running meanwhile keeps
+        the arrays it was given; the result cache is cleared.
+
+        Raises:
+            InvalidParams: a bad batch (nothing is added), or more than ``MAX_ADDED_ITEMS`` added items.
+            ModelNotLoadedError: no model is loaded.
+            EdgeRuntimeError: the added-items file cannot be written (nothing is added).
+        """
+        check_keys(p, ("items",), ("items",), "add_items")
+        items = parse_new_items(p["items"])
+        async with self.items_lock():
+            model = self.model
+            if model is None:
+                raise ModelNotLoadedError("no model is loaded")
+            known = [it for it, attrs in items if model.trained(it) or model.added.get(it) == attrs]
+            skip = set(known)
+            todo = [(it, attrs) for it, attrs in items if it not in skip]
+            grow = sum(1 for it, _ in todo if it not in self.added)
+            if len(self.added) + grow > const.MAX_ADDED_ITEMS:
+                raise InvalidParams(f"add_items: {len(self.added)} items are added already and {grow} more would "
+                                    f"pass {const.MAX_ADDED_ITEMS}; retrain so that the model knows them")
+            reply = {"ok": True, "added": sum(1 for it, _ in todo if it not in model.index),
+                     "updated": sum(1 for it, _ in todo if it in model.index), "known": known, "composed_from": {}}
+            if not todo:
+                return reply
+            added = {**self.added, **dict(todo)}
+            new, counts = await asyncio.get_running_loop().run_in_executor(None, self._build_added, model, todo,
+                                                                           added)
+            self.added = added
+            if self.model is model:
+                self._serve_added(new)
+            elif self.model is not None:   # swapped without the lock meanwhile: compose onto what is served now
+                self._serve_added(self.with_added(self.model))
+            reply["composed_from"] = {it: int(c) for (it, _), c in zip(todo, counts)}
+            return reply
+
     # -- introspection ---------------------------------------------------------------------------------------
     def health(self, p: dict) -> dict:
         check_keys(p, (), (), "health")
@@ -338,12 +559,14 @@ class Service:
         out = {"status": "ok" if m is not None else "no_model", "model_version": m.version if m else None,
                "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions),
                "cache_entries": len(self.cache), "scoring": scoring.IMPLEMENTATION,
-               "precision": m.precision if m else None}
+               "precision": m.precision if m else None, "added_items": m.num_added if m else 0}
         if self.events is not None:
             out["events"] = self.events.health()
         if self.sync is not None:
             out["sync"] = self.sync.health()
             out["offline"] = out["sync"]["registry_reachable"] is False
+        if self.upstream is not None:
+            out["upstream"] = self.upstream.health()
         return out
 
     def _score(self, model: Model, rows: list[int], k: int, exclude: list[int], categories, stock_bits):

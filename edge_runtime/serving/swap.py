@@ -3,14 +3,18 @@ SIGHUP, by rollback.
 
 1. load (``Model``: read + verify the bundle, load the encoder, ``check_model``), in a worker thread, beside the
    model being served;
-2. swap it in atomically (``Service.swap_model``: requests in flight finish on the old model, new ones get the new
+2. compose the items added at the node (``Service.added``, ``add_items``) that the new model was not trained on
+   onto it, in a worker thread (``Service.with_added``); the ones it was trained on get its trained rows;
+3. swap it in atomically (``Service.swap_model``: requests in flight finish on the old model, new ones get the new
    one);
-3. the served check: one request through the served path (``Service.served_check``: a scoring thread, the encoder,
-   the scan, the reply shape); if it fails, the previous model is swapped back and ``SwapError`` raised;
-4. drop the old model and hand its memory back to the OS (``memory.release_memory``);
-5. tell the listeners (``on_swap``: the zeroconf announcement of the version served).
+4. the served check: one request through the served path (``Service.served_check``: a scoring thread, the encoder,
+   the scan, the reply shape); if it fails, the previous model is swapped back and ``SwapError`` raised; if it
+   passes, the added items the model was trained on leave the added set (``Service.retire_known``);
+5. drop the old model and hand its memory back to the OS (``memory.release_memory``);
+6. tell the listeners (``on_swap``: the zeroconf announcement of the version served).
 
-Every model change holds ``lock()``, so a sync install, a rollback and a reload never interleave.
+Every model change holds ``lock()``, so a sync install, a rollback and a reload never interleave; steps 2 to 4 also
+hold ``Service.items_lock()``, so no ``add_items`` lands between the composition and the swap.
 """
 from __future__ import annotations
 
@@ -63,21 +67,27 @@ class ModelSwapper:
         return await loop.run_in_executor(None, loader)
 
     async def activate(self, model: Model, reason: str) -> None:
-        """Serve ``model``: swap, served check, rollback on failure, memory release, ``on_swap``.
+        """Serve ``model`` with the node's added items composed onto it: swap, served check, rollback on failure,
+        memory release, ``on_swap``.
 
         Raises:
             SwapError: the served check failed; the previous model (or none) is served again.
         """
-        old = self.service.model
-        self.service.swap_model(model)
-        try:
-            await self.service.served_check(model)
-        except Exception as exc:
-            self.service.swap_model(old)
-            raise SwapError(f"model {model.version} failed its served-path check ({reason}), still serving "
-                            f"{old.version if old is not None else 'no model'}: {exc!r}") from exc
+        loop = asyncio.get_running_loop()
+        async with self.service.items_lock():
+            if self.service.added:
+                model = await loop.run_in_executor(None, self.service.with_added, model)
+            old = self.service.model
+            self.service.swap_model(model)
+            try:
+                await self.service.served_check(model)
+            except Exception as exc:
+                self.service.swap_model(old)
+                raise SwapError(f"model {model.version} failed its served-path check ({reason}), still serving "
+                                f"{old.version if old is not None else 'no model'}: {exc!r}") from exc
+            self.service.retire_known()
         del old
-        await asyncio.get_running_loop().run_in_executor(None, release_memory)
+        await loop.run_in_executor(None, release_memory)
         log.info("now serving %s (%s)", model.version, reason)
         for cb in self.on_swap:
             cb(model.version)
