@@ -292,7 +292,7 @@ class Shipper:
                 self._note_acked(remote)
             self._need_cursor = False
         rows, top = await asyncio.to_thread(self._read, self.acked)
-        self.status["pending"] = max(0, top - self.acked)
+        self.status["pending"] = max(0, top - self.acked) if rows else 0   # (the last rows may have been erased)
         if not rows:
             if time.monotonic() - self._last_contact >= const.SHIP_HEARTBEAT_SECONDS:
                 remote = await self.transport.cursor(self.node_id)   # is the collector still there? (RPC)
