@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from edge_runtime import const
 from edge_runtime.bundle.store import publish
 from edge_runtime.errors import BundleError
+from edge_runtime.events.statefile import write_atomic
 from trainer.checkpoint import CheckpointError
 from trainer.finetune import EventError, FinetuneConfig, FinetuneResult, finetune
 
@@ -166,12 +167,7 @@ class Loop:
                 shutil.rmtree(d, ignore_errors=True)
 
     def _write_state(self) -> None:
-        tmp = self.workdir / (STATE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.workdir / STATE)
+        write_atomic(self.workdir / STATE, json.dumps(self.state, indent=1))
 
     # -- the collector ---------------------------------------------------------------------------------------
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:

@@ -41,6 +41,15 @@ class Pseudonymizer:
         return h.hexdigest()[:const.PSEUDONYM_HEX_CHARS]
 
 
+def is_pseudonym(v) -> bool:
+    """True for a string of exactly ``PSEUDONYM_HEX_CHARS`` lowercase hex characters (what ``Pseudonymizer``
+    returns); the collector refuses anything else as a shopper id."""
+    return isinstance(v, str) and len(v) == const.PSEUDONYM_HEX_CHARS and all(c in _HEX for c in v)
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
 def create_key(path: str | os.PathLike) -> Path:
     """Write a new random key file (mode 0600, hex, one line).
 

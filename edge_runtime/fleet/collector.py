@@ -40,7 +40,6 @@ import concurrent.futures
 import logging
 import math
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -49,6 +48,7 @@ from typing import Any, Iterable
 
 from .. import const
 from ..errors import InvalidParams, SequenceMismatch
+from ..events.pseudonym import is_pseudonym
 from ..rpc.methods import MethodTable, as_id, as_int, check_keys, short, type_name
 from ..serving.session import EVENTS
 
@@ -77,7 +77,6 @@ CREATE TABLE IF NOT EXISTS nodes (
     last_seen REAL NOT NULL
 );
 """
-_PSEUDONYM = re.compile(r"[0-9a-f]{%d}\Z" % const.PSEUDONYM_HEX_CHARS)
 MAX_SEQ = (1 << 63) - 1
 
 
@@ -116,7 +115,7 @@ def check_batch(p: Any, nodes: frozenset[str] | None, now: float | None = None) 
         if not isinstance(seq, int) or isinstance(seq, bool) or not last < seq <= MAX_SEQ:
             raise InvalidParams(f"ingest: {where}: seq must be an integer above {last} (sequence numbers increase "
                                 f"strictly and exceed 'after'), got {short(seq)}")
-        if not isinstance(user, str) or not _PSEUDONYM.match(user):
+        if not is_pseudonym(user):
             raise InvalidParams(f"ingest: {where}: user must be a pseudonym ({const.PSEUDONYM_HEX_CHARS} lowercase "
                                 "hex characters); raw shopper ids are never collected")
         item = as_id(item, f"{where}.item")
@@ -190,7 +189,7 @@ class CollectorStore:
             if self.nodes is not None and node not in self.nodes:
                 raise InvalidParams(f"ingest_forget: unknown node {short(node)}: not in the collector's node list")
             user = p["user"]
-            if not isinstance(user, str) or not _PSEUDONYM.match(user):
+            if not is_pseudonym(user):
                 raise InvalidParams(f"ingest_forget: user must be a pseudonym ({const.PSEUDONYM_HEX_CHARS} lowercase "
                                     "hex characters)")
             return await asyncio.get_running_loop().run_in_executor(self._pool, self.forget, user)

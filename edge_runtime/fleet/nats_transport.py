@@ -73,6 +73,7 @@ from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy
 
 from .. import const
 from ..errors import ConfigError, InvalidParams, SequenceMismatch
+from ..events.pseudonym import is_pseudonym
 from .collector import CollectorStore
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,6 @@ GAP_DELIVERIES = 9                 # how many before the gap is taken as lost: 8
 RETRY_SECONDS = 0.5                # first delay after a failure (connect, fetch, store); doubles up to
 MAX_RETRY_SECONDS = 30.0
 STORE_RETRY_MAX_SECONDS = 10.0     # the longest wait between retries of a failed store (in place, with in_progress)
-PSEUDONYM = re.compile(r"[0-9a-f]{%d}\Z" % const.PSEUDONYM_HEX_CHARS)
 
 
 def subject_token(node: str) -> str:
@@ -608,7 +608,7 @@ class NatsFeed:
             return "invalid", "forget: node must be a non-empty string", None
         if self.store.nodes is not None and node not in self.store.nodes:
             return "unknown_node", f"forget: unknown node {node[:64]!r}: not in the collector's node list", None
-        if not isinstance(user, str) or not PSEUDONYM.match(user):
+        if not is_pseudonym(user):
             return "invalid", f"forget: user must be a pseudonym ({const.PSEUDONYM_HEX_CHARS} lowercase hex)", None
         return "forget", "", p
 

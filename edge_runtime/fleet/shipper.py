@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import random
-import re
 import sqlite3
 import time
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import Callable, Protocol
 from .. import const
 from ..errors import RpcError, SEQUENCE_MISMATCH
 from ..events.log import EventLog
+from ..events.pseudonym import is_pseudonym
+from ..events.statefile import write_atomic
 from ..rpc.client import AsyncClient
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,6 @@ class RpcTransport:
             await client.close()
 
 
-_PSEUDONYM = re.compile(r"[0-9a-f]{%d}\Z" % const.PSEUDONYM_HEX_CHARS)
 MAX_SEQ = (1 << 63) - 1
 
 
@@ -174,7 +174,7 @@ class Shipper:
         saved = read_upstream_state(state_dir, set_aside=True)
         self.acked: int = saved.get("acked", 0) if saved.get("node") == node_id else 0
         # erasures are owed whatever the node is called now; entries that are not pseudonyms are dropped (logged)
-        self.forgets: list[str] = [u for u in saved.get("forget", []) if isinstance(u, str) and _PSEUDONYM.match(u)]
+        self.forgets: list[str] = [u for u in saved.get("forget", []) if is_pseudonym(u)]
         if len(self.forgets) != len(saved.get("forget", [])):
             log.error("shipping state %s: %d queued erasures are not pseudonyms; dropped", self.state_path,
                       len(saved["forget"]) - len(self.forgets))
@@ -349,15 +349,12 @@ class Shipper:
         self._save()
 
     def _save(self) -> None:
-        """Rewrite ``upstream.json`` atomically (temporary file, fsync, rename)."""
-        tmp = self.state_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # pseudonyms owed an erasure: private
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"node": self.node_id, "acked": self.acked, "transport": self.transport.name,
-                       "dropped": self.events.status.get("dropped_unshipped", 0), "forget": list(self.forgets)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
+        """Rewrite ``upstream.json`` atomically (``events.statefile.write_atomic``); mode 0600: it holds the pseudonyms owed
+        an erasure."""
+        write_atomic(self.state_path, json.dumps({"node": self.node_id, "acked": self.acked,
+                                                  "transport": self.transport.name,
+                                                  "dropped": self.events.status.get("dropped_unshipped", 0),
+                                                  "forget": list(self.forgets)}), mode=0o600)
 
     def _ok(self) -> None:
         if self.status["state"] in ("offline", "refused"):

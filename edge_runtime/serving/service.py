@@ -47,6 +47,7 @@ import msgpack
 import numpy as np
 
 from .. import const, scoring
+from ..events.statefile import write_atomic
 from ..errors import EdgeRuntimeError, InvalidParams, ModelNotLoadedError, SwapError
 from ..events.analytics import Analytics
 from ..events.log import Event, EventLog, settle
@@ -135,15 +136,8 @@ def write_added(path: Path, added: dict[str, tuple[str, ...]]) -> None:
     Raises:
         OSError: it cannot be written (the previous file is left as it was).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)   # the state directory, as the event log creates it
-    tmp = path.with_name(path.name + ".tmp")
-    body = json.dumps({"format": 1, "items": [{"id": it, "attributes": list(a)} for it, a in added.items()]},
-                      separators=(",", ":"))
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"format": 1, "items": [{"id": it, "attributes": list(a)}
+                                                          for it, a in added.items()]}, separators=(",", ":")))
 
 
 # ---------------------------------------------------------------------------------------------------- service
