@@ -85,6 +85,12 @@ KEYS: tuple[Key, ...] = (
     Key("server", "stalled_frame_seconds", float, const.STALLED_FRAME_SECONDS, _rng(0.1, 3600),
         "seconds in 0.1..3600"),
     Key("server", "idle_seconds", float, const.IDLE_SECONDS, _rng(1, 86400), "seconds in 1..86400"),
+    Key("server", "max_connections", int, const.MAX_CONNECTIONS, _rng(1, 1_000_000), "an integer in 1..1e6"),
+    Key("server", "max_connections_per_address", int, const.MAX_CONNECTIONS_PER_ADDRESS, _rng(1, 1_000_000),
+        "an integer in 1..1e6"),
+    Key("server", "insecure_listen", bool, False, None,
+        "true or false (true: listen on a non-loopback address without TLS and tokens; warned at every start)",
+        flag="insecure_listen"),
     Key("limits", "max_sessions", int, const.MAX_SESSIONS, _rng(1, 100_000_000), "an integer in 1..1e8"),
     Key("limits", "session_events", int, const.SESSION_EVENTS, _rng(1, 10_000), "an integer in 1..10000"),
     Key("limits", "cache_entries", int, const.CACHE_ENTRIES, _rng(0, 100_000_000), "an integer in 0..1e8"),
@@ -123,6 +129,24 @@ KEYS: tuple[Key, ...] = (
         "seconds in 0.01..3600"),
     Key("events", "ship_max_backoff", float, const.SHIP_MAX_BACKOFF_SECONDS, _rng(0.01, 86400),
         "seconds in 0.01..86400"),
+    Key("auth", "token_files", list, [], lambda v: all(_role_file(x) for x in v),
+        f"a list of 'ROLE=FILE' (ROLE one of {', '.join(const.ROLES)}; FILE from edgerec keygen --token ROLE)",
+        flag="token_file"),
+    Key("auth", "unix_roles", list, [], lambda v: all(_uid_role(x) for x in v),
+        f"a list of 'UID=ROLE' or 'USER=ROLE' for Unix socket peers (ROLE one of {', '.join(const.ROLES)})"),
+    Key("auth", "client_token_file", str, "", None,
+        "the token file this process presents to registries, collectors and peers ('' = the first token of the "
+        "peer role)", flag="client_token_file"),
+    Key("auth", "deadline_seconds", float, const.AUTH_DEADLINE_SECONDS, _rng(0.1, 3600), "seconds in 0.1..3600"),
+    Key("auth", "max_failures", int, const.AUTH_MAX_FAILURES, _rng(1, 1000), "an integer in 1..1000"),
+    Key("tls", "cert_file", str, "", None, "a PEM certificate chain ('' = no TLS)", flag="tls_cert"),
+    Key("tls", "key_file", str, "", None, "its PEM private key ('' = in cert_file)", flag="tls_key"),
+    Key("tls", "ca_file", str, "", None,
+        "PEM CA certificates: verify servers this process calls, and client certificates ('' = system CAs, no "
+        "client certificates)", flag="tls_ca"),
+    Key("tls", "client_cert_role", str, "peer", lambda v: v in ("",) + const.ROLES,
+        f"the role of a verified client certificate: '' or one of {', '.join(const.ROLES)}"),
+    Key("tls", "check_hostname", bool, True, None, "true or false (false: a fleet addressed by IP without IP SANs)"),
     Key("metrics", "host", str, const.METRICS_HOST, lambda v: bool(v), "an address to bind", flag="metrics_host"),
     Key("metrics", "port", int, 0, _rng(0, 65535), "an integer in 0..65535 (0: no metrics endpoint)",
         flag="metrics_port"),
@@ -148,6 +172,16 @@ def split_hostport(v: str) -> tuple[str, int]:
             or (":" in host and not bracketed):
         raise ValueError(f"{v!r} is not HOST:PORT (an IPv6 address goes in brackets: [::1]:7710)")
     return host, int(port)
+
+
+def _role_file(v: str) -> bool:
+    role, sep, path = v.partition("=")
+    return bool(sep) and role.strip() in const.ROLES and bool(path.strip())
+
+
+def _uid_role(v: str) -> bool:
+    who, sep, role = v.rpartition("=")
+    return bool(sep) and bool(who.strip()) and role.strip() in const.ROLES
 
 
 def _hostport(v: str) -> bool:

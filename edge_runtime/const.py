@@ -28,6 +28,15 @@ STALLED_FRAME_SECONDS = 30.0       # s
 # A connection without a byte or a request in flight for this long is closed (idle sockets cannot hold all
 # MAX_CONNECTIONS slots for ever); clients reconnect.
 IDLE_SECONDS = 300.0               # s
+# Connections from one client address (TCP); when it is reached, or MAX_CONNECTIONS is, the new connection is
+# admitted by closing the longest-idle one (connections that never sent a request first), so a flood of idle
+# connections cannot lock legitimate clients out. A shop backend's connection pool from one address fits.
+MAX_CONNECTIONS_PER_ADDRESS = 256
+# Pending connections the kernel queues for accept(): a flood must not push a legitimate SYN into a 1 s retry.
+LISTEN_BACKLOG = 4096
+# Connections accepted per event-loop turn (asyncio's accept loop): small, so a flood of connects cannot hold the
+# loop away from requests for long.
+ACCEPT_BATCH = 64
 # After a fatal protocol error the daemon sends the error and EOF, then discards input this long before closing, so
 # the client reads the error rather than a TCP reset caused by its own unread bytes.
 LINGER_SECONDS = 2.0         # s
@@ -38,6 +47,17 @@ MAX_MSGID = 0xFFFFFFFF       # msgpack-rpc msgids are uint32
 CLIENT_MAX_BUFFER_BYTES = 64 << 20   # bytes
 CLIENT_TIMEOUT_SECONDS = 30.0        # s, blocking client: per socket operation
 REPR_CHARS = 60              # characters of a bad value quoted in an error message (a huge value stays short)
+
+# ------------------------------------------------------------------------------------------------ rpc/ (auth, TLS)
+ROLES = ("shop", "ops", "peer")   # who may call what: rpc/auth.py holds the method table
+TOKEN_BYTES = 32             # bytes of randomness in a token (256 bits), written as 64 hex characters
+MIN_TOKEN_CHARS = 32         # a token file line shorter than this is refused (not a generated secret)
+MAX_TOKEN_CHARS = 512        # longest token an auth call may present (longer: refused without hashing)
+# An unauthenticated connection (tokens configured) is closed this long after it opened unless it authenticated.
+AUTH_DEADLINE_SECONDS = 5.0  # s
+AUTH_MAX_FAILURES = 3        # failed auth calls on one connection before it is closed
+TLS_HANDSHAKE_SECONDS = 10.0   # s a TLS handshake may take (a connection that never completes one is dropped)
+SECURITY_LOG_SECONDS = 10.0   # s between log lines about a repeated bound (a flood logs a count, not a line each)
 
 # ------------------------------------------------------------------------------------------------ serving/ (requests)
 # Larger k is not a recommendation any more but a catalog dump; the scan cost is the same, the reply is not.

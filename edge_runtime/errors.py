@@ -15,6 +15,8 @@ OVERLOADED = -32002       # too many requests in flight
 MODEL_NOT_LOADED = -32003
 EVENT_LOG_UNAVAILABLE = -32004   # the event log cannot store events now (disk full, read-only); nothing was stored
 SEQUENCE_MISMATCH = -32005  # an ingest batch does not continue what the collector holds for its node
+NOT_PERMITTED = -32006    # the connection's role (or no role: not authenticated) may not call this method
+AUTH_FAILED = -32007      # an auth call with a token that is not valid here (closed after a few)
 
 
 class EdgeRuntimeError(Exception):
@@ -94,6 +96,16 @@ class SequenceMismatch(ValueError, EdgeRuntimeError):
     node's log restarted its numbering). Nothing of the batch was stored; the node asks ``ingest_cursor`` again."""
 
     code = SEQUENCE_MISMATCH
+
+
+class NotPermitted(PermissionError, EdgeRuntimeError):
+    """The method belongs to a role this connection does not hold (``rpc/auth.py``); nothing was done."""
+    code = NOT_PERMITTED
+
+
+class AuthenticationFailed(PermissionError, EdgeRuntimeError):
+    """``auth`` with a token that is not valid on this server (the token is never echoed or logged)."""
+    code = AUTH_FAILED
 
 
 class SwapError(RuntimeError, EdgeRuntimeError):

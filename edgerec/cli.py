@@ -22,6 +22,26 @@ def _add_conn(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=const.DEFAULT_HOST, help="daemon host (default %(default)s)")
     p.add_argument("--port", type=int, default=const.DEFAULT_PORT, help="daemon TCP port (default %(default)s)")
     p.add_argument("--unix", default=None, help="connect to this Unix socket instead of TCP")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="authenticate with the first token of FILE (a daemon with roles: shop for recommend and "
+                        "track, ops for rollback)")
+    p.add_argument("--tls-ca", default=None, metavar="FILE", help="speak TLS; verify the daemon against this CA")
+
+
+def _add_security(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (roles, tokens, TLS; README: Security)")
+    g.add_argument("--token-file", action="append", default=None, metavar="ROLE=FILE",
+                   help="accept the tokens in FILE for ROLE (shop, ops, peer; repeatable; auth.token_files)")
+    g.add_argument("--client-token-file", default=None, metavar="FILE",
+                   help="the token this process presents to registries, collectors and peers "
+                        "(default: the first peer token)")
+    g.add_argument("--tls-cert", default=None, metavar="FILE", help="serve TLS with this PEM certificate chain")
+    g.add_argument("--tls-key", default=None, metavar="FILE", help="its PEM private key")
+    g.add_argument("--tls-ca", default=None, metavar="FILE",
+                   help="CA certificates: verify the servers this process calls and the client certificates of "
+                        "peers (mutual TLS)")
+    g.add_argument("--insecure-listen", action="store_const", const=True, default=None,
+                   help="allow a non-loopback address without TLS and tokens (a warning at every start)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,12 +130,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--upstream-transport", choices=["rpc", "nats"], default=None,
                    help="rpc (the collector) or nats (JetStream; --nats-url)")
     g.add_argument("--nats-url", default=None, help="NATS server for --upstream-transport nats")
+    _add_security(s)
 
-    kg = sub.add_parser("keygen", help="create an Ed25519 key pair for signing bundles, or a pseudonym key")
+    kg = sub.add_parser("keygen", help="create an Ed25519 key pair for signing bundles, a pseudonym key, or an "
+                                       "access token")
     kg.add_argument("--out", required=True, help="writes OUT.key (private, 0600) and OUT.pub (public); with "
-                                                 "--pseudonym, the key file OUT (0600)")
+                                                 "--pseudonym or --token, the file OUT (0600)")
     kg.add_argument("--pseudonym", action="store_true",
                     help="an HMAC key that turns shopper ids into pseudonyms (events.pseudonym_key)")
+    kg.add_argument("--token", default=None, choices=list(const.ROLES), metavar="ROLE",
+                    help="a 256-bit access token for ROLE (shop, ops or peer): give it to servers with "
+                         "--token-file ROLE=OUT and to their clients")
 
     pb = sub.add_parser("publish", help="sign a bundle and add it to a registry directory")
     pb.add_argument("bundle", help="bundle directory")
@@ -135,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="also collect the events nodes ship ([events] upstream) into DIR/collected.db")
     rg.add_argument("--node", action="append", default=None, dest="nodes", metavar="NODE_ID",
                     help="a node id allowed to ship events (repeatable; default: any node)")
+    rg.add_argument("--config", default=None, help="TOML file whose [auth], [tls] and [server] connection "
+                                                  "settings apply (default /etc/edgerec/edgerec.toml if it exists)")
+    _add_security(rg)
 
     co = sub.add_parser("collect", help="store the events nodes publish to NATS JetStream (--upstream-transport "
                                         "nats) into DIR/collected.db; runs until SIGTERM")
@@ -340,14 +368,20 @@ def _serve(args) -> int:
 def _keygen(args) -> int:
     from edge_runtime.bundle import signing
     from edge_runtime.events.pseudonym import create_key
+    from edge_runtime.rpc.auth import write_token_file
 
-    if args.pseudonym:
+    if args.token and args.pseudonym:
+        print("edgerec keygen: --token and --pseudonym write different files; give one", file=sys.stderr)
+        return 2
+    if args.token or args.pseudonym:   # one secret file, mode 0600, never overwritten
         try:
-            path = create_key(args.out)
+            path = (write_token_file if args.token else create_key)(args.out)
         except OSError as exc:
-            print(f"edgerec keygen: {exc}", file=sys.stderr)
+            print(f"edgerec keygen: {args.out}: {exc.strerror or exc}", file=sys.stderr)
             return 2
-        print(f"pseudonym key: {path} (mode 0600; give it to nodes: [events] pseudonym_key = \"{path}\")")
+        print(f"{args.token} token: {path} (mode 0600; servers: --token-file {args.token}={path}; clients: "
+              f"--token-file {path})" if args.token else
+              f"pseudonym key: {path} (mode 0600; give it to nodes: [events] pseudonym_key = \"{path}\")")
         return 0
     try:
         priv, pub = signing.keygen(args.out)
@@ -372,11 +406,20 @@ def _publish(args) -> int:
 
 
 def _registry(args) -> int:
+    from edge_runtime import config as config_mod
+
+    try:
+        cfg = config_mod.load(args.config, flags={k: v for k, v in vars(args).items()
+                                                  if k in ("token_file", "client_token_file", "tls_cert", "tls_key",
+                                                           "tls_ca", "insecure_listen")})
+    except config_mod.ConfigError as exc:
+        print(f"edgerec registry: config error: {exc}", file=sys.stderr)
+        return 2
     node = _node_module("registry")
     if node is None:
         return 2
     return node.run_registry(args.bundles, args.host, args.port, discovery=not args.no_discovery, name=args.name,
-                             collect=args.collect, nodes=args.nodes)
+                             collect=args.collect, nodes=args.nodes, cfg=cfg)
 
 
 def _collect(args) -> int:
@@ -402,11 +445,19 @@ def _rollback(args) -> int:
 
 
 def _client(args):
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.rpc.auth import read_token_file
     from edge_runtime.rpc.client import Client
+    from edge_runtime.rpc.tls import client_context
 
     where = f"unix socket {args.unix}" if args.unix else f"{args.host}:{args.port}"
     try:
-        return Client(args.host, args.port, unix=args.unix)
+        token = read_token_file(args.token_file)[0] if args.token_file else None
+        ctx = client_context(args.tls_ca) if args.tls_ca else None
+    except ConfigError as exc:
+        raise OSError(str(exc)) from None
+    try:
+        return Client(args.host, args.port, unix=args.unix, token=token, ssl=ctx)
     except OSError as exc:
         raise OSError(f"cannot reach the daemon at {where}: {exc.strerror or exc}") from None
 

@@ -28,13 +28,14 @@ def free_port() -> int:
 def start_daemon(bundle: str | os.PathLike | None, port: int, extra: list[str] | None = None,
                  timeout: float = 60.0, log_path: str | os.PathLike | None = None,
                  command: str = "serve", ready: tuple[str, ...] = ("ok",), env: dict | None = None,
-                 pass_fds: tuple = ()) -> subprocess.Popen:
+                 pass_fds: tuple = (), ssl=None) -> subprocess.Popen:
     """Start ``edgerec serve`` (or another ``command``, e.g. ``registry``) on 127.0.0.1:port as a subprocess and
     wait until it answers ``health`` with a status in ``ready``.
 
     ``env``: the child's environment (default: this one's). ``pass_fds``: file descriptors the child inherits.
     ``bundle`` None: no ``--bundle`` (a node that gets its model from a registry). ``log_path``: the child's stderr
     goes to this file (long runs: a pipe nobody reads would fill up and block the child); else to a pipe.
+    ``ssl``: a client ``ssl.SSLContext`` for a daemon that serves TLS (``health`` is asked over it).
 
     Raises:
         RuntimeError: the daemon exited or did not answer within ``timeout`` s (its stderr is in the message).
@@ -62,7 +63,7 @@ def start_daemon(bundle: str | os.PathLike | None, port: int, extra: list[str] |
         if proc.poll() is not None:
             raise RuntimeError(f"daemon exited with {proc.returncode}: {stderr()}")
         try:
-            with Client("127.0.0.1", port, timeout=2) as c:
+            with Client("127.0.0.1", port, timeout=2, ssl=ssl) as c:
                 if c.call("health")["status"] in ready:
                     return proc
         except OSError:

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from .. import const
-from ..rpc.client import Client
+from ..rpc.client import Client, Credentials
 from .discovery import NODE_TYPE, Discovery
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,15 @@ class FleetClient:
         nodes: static {node_id: (host, port)}; or None to discover ``_edgerec._tcp`` nodes with zeroconf
             (``loopback_only`` binds discovery to 127.0.0.1).
         timeout: seconds per call.
+        credentials: TLS context and the ``shop`` token for nodes that enforce roles (``rpc.client.Credentials``).
     Raises:
         OSError: zeroconf cannot start (discovery only).
     """
 
     def __init__(self, nodes: dict[str, tuple[str, int]] | None = None, loopback_only: bool = True,
-                 timeout: float = 5.0):
+                 timeout: float = 5.0, credentials: Credentials | None = None):
         self.timeout = timeout
+        self.credentials = credentials or Credentials()
         self._static = dict(nodes) if nodes is not None else None
         self._clients: dict[str, Client] = {}
         self._down: dict[str, float] = {}
@@ -103,7 +105,8 @@ class FleetClient:
                 c = self._clients.get(node)
                 if c is None:
                     host, port = nodes[node]
-                    c = self._clients[node] = Client(host, port, timeout=self.timeout)
+                    c = self._clients[node] = Client(host, port, timeout=self.timeout,
+                                                     token=self.credentials.token, ssl=self.credentials.ssl)
                 return node, c.call(method, **params)
             except OSError as exc:
                 errors.append(f"{node}: {exc!r}")

@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -42,7 +43,7 @@ from ..errors import RpcError, SEQUENCE_MISMATCH
 from ..events.log import EventLog
 from ..events.pseudonym import is_pseudonym
 from ..events.statefile import write_atomic
-from ..rpc.client import AsyncClient
+from ..rpc.client import AsyncClient, Credentials
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,14 @@ class RpcTransport:
     Args:
         address: returns (host, port) of the collector now (configured, or discovered with the registry), or None.
         timeout: s per round trip.
+        credentials: TLS context and token for the collector (``rpc.client.Credentials``; None: plain, no auth).
     """
 
     name = "rpc"
 
     def __init__(self, address: Callable[[], tuple[str, int] | None],
-                 timeout: float = const.SHIP_TIMEOUT_SECONDS):
-        self.address, self.timeout = address, timeout
+                 timeout: float = const.SHIP_TIMEOUT_SECONDS, credentials: Credentials | None = None):
+        self.address, self.timeout, self.credentials = address, timeout, credentials
         self._client: AsyncClient | None = None
         self._at: tuple[str, int] | None = None
 
@@ -88,7 +90,7 @@ class RpcTransport:
         if self._client is not None and self._at != addr:
             await self.close()
         if self._client is None:
-            self._client = await AsyncClient.connect(addr[0], addr[1], self.timeout)
+            self._client = await AsyncClient.connect(addr[0], addr[1], self.timeout, self.credentials)
             self._at = addr
         return self._client
 
@@ -169,6 +171,7 @@ class Shipper:
                  max_backoff: float = const.SHIP_MAX_BACKOFF_SECONDS):
         self.events, self.node_id, self.transport = events, node_id, transport
         self.state_path = Path(state_dir) / const.UPSTREAM_STATE
+        self._save_lock = threading.Lock()   # _save runs on the loop (forget) and on threads (acks)
         self.batch_events = max(1, min(batch_events, const.MAX_INGEST_EVENTS))
         self.interval, self.max_backoff = interval, max(interval, max_backoff)
         saved = read_upstream_state(state_dir, set_aside=True)
@@ -350,11 +353,13 @@ class Shipper:
 
     def _save(self) -> None:
         """Rewrite ``upstream.json`` atomically (``events.statefile.write_atomic``); mode 0600: it holds the pseudonyms owed
-        an erasure."""
-        write_atomic(self.state_path, json.dumps({"node": self.node_id, "acked": self.acked,
-                                                  "transport": self.transport.name,
-                                                  "dropped": self.events.status.get("dropped_unshipped", 0),
-                                                  "forget": list(self.forgets)}), mode=0o600)
+        an erasure. Writers are serialized and each takes its snapshot under the lock, so the file on disk is
+        always the newest state (never an older snapshot renamed over a newer one)."""
+        with self._save_lock:
+            write_atomic(self.state_path, json.dumps({"node": self.node_id, "acked": self.acked,
+                                                      "transport": self.transport.name,
+                                                      "dropped": self.events.status.get("dropped_unshipped", 0),
+                                                      "forget": list(self.forgets)}), mode=0o600)
 
     def _ok(self) -> None:
         if self.status["state"] in ("offline", "refused"):

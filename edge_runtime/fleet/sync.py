@@ -35,7 +35,7 @@ from ..bundle import format as bundle_mod
 from ..bundle import signing
 from ..bundle.store import BundleStore
 from ..errors import BundleError, InvalidParams, RpcError, SignatureError, SwapError, SyncError
-from ..rpc.client import AsyncClient
+from ..rpc.client import AsyncClient, Credentials
 from ..rpc.methods import check_keys
 from ..serving.model import Model
 from ..serving.swap import ModelSwapper
@@ -71,6 +71,7 @@ class SyncManager:
         timeout: seconds per RPC call.
         fetch_jitter: with peers (zeroconf), wait a random 0..fetch_jitter s before fetching a new version, so
             the nodes that start later find it on a peer instead of all hitting the registry at once.
+        credentials: TLS context and token presented to the registry and peers (``rpc.client.Credentials``).
     """
 
     def __init__(self, swapper: ModelSwapper | None, state_dir: str | os.PathLike, trusted: dict,
@@ -78,7 +79,8 @@ class SyncManager:
                  channel: str = const.DEFAULT_CHANNEL, keep: int = const.SYNC_KEEP,
                  poll_seconds: float = const.SYNC_POLL_SECONDS, max_backoff: float = const.SYNC_MAX_BACKOFF_SECONDS,
                  chunk_bytes: int = const.SYNC_CHUNK_BYTES, timeout: float = const.SYNC_TIMEOUT_SECONDS,
-                 node_id: str | None = None, fetch_jitter: float = const.SYNC_FETCH_JITTER_SECONDS):
+                 node_id: str | None = None, fetch_jitter: float = const.SYNC_FETCH_JITTER_SECONDS,
+                 credentials: Credentials | None = None):
         if not trusted:
             raise SignatureError("model sync needs at least one trusted public key (--trusted-key)")
         self.swapper = swapper
@@ -96,7 +98,8 @@ class SyncManager:
         self.keep = max(2, keep)
         self.poll_seconds = poll_seconds
         self.max_backoff = max_backoff
-        self.transfer = Transfer(self.bundles, self.staging, trusted, chunk_bytes, timeout)
+        self.credentials = credentials
+        self.transfer = Transfer(self.bundles, self.staging, trusted, chunk_bytes, timeout, credentials)
         self.timeout = timeout
         self.node_id = node_id
         self.fetch_jitter = fetch_jitter
@@ -305,7 +308,7 @@ class SyncManager:
                 self._offline("no registry configured or discovered")
                 return False
             try:
-                c = await AsyncClient.connect(addr[0], addr[1], self.timeout)
+                c = await AsyncClient.connect(addr[0], addr[1], self.timeout, self.credentials)
                 try:
                     latest = await c.call("latest", channel=self.channel)
                 finally:

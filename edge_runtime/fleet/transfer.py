@@ -19,7 +19,7 @@ from .. import const
 from ..bundle import format as bundle_mod
 from ..bundle import signing
 from ..errors import BundleError, SyncError
-from ..rpc.client import AsyncClient
+from ..rpc.client import AsyncClient, Credentials
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,16 @@ class Transfer:
         trusted: {key_id: Ed25519 public key} (``signing.load_public_keys``).
         chunk_bytes: bytes per fetch call (capped at ``const.MAX_CHUNK_BYTES``, which the server enforces too).
         timeout: seconds per RPC call.
+        credentials: TLS context and token presented to registries and peers (``rpc.client.Credentials``).
 
     Attributes:
         bytes_from: payload bytes received, by source kind ("registry", "peer").
     """
 
     def __init__(self, bundles: Path, staging: Path, trusted: dict, chunk_bytes: int = const.SYNC_CHUNK_BYTES,
-                 timeout: float = const.SYNC_TIMEOUT_SECONDS):
+                 timeout: float = const.SYNC_TIMEOUT_SECONDS, credentials: Credentials | None = None):
         self.bundles, self.staging, self.trusted = bundles, staging, trusted
+        self.credentials = credentials
         self.chunk_bytes = max(1, min(chunk_bytes, const.MAX_CHUNK_BYTES))
         self.timeout = timeout
         self.bytes_from = {"registry": 0, "peer": 0}
@@ -55,7 +57,7 @@ class Transfer:
                 ENOSPC when the disk is full.
         """
         loop = asyncio.get_running_loop()
-        c = await AsyncClient.connect(host, port, self.timeout)
+        c = await AsyncClient.connect(host, port, self.timeout, self.credentials)
         try:
             rep = await c.call("manifest", version=version)
             if not isinstance(rep, dict) or not isinstance(rep.get("manifest"), bytes) \

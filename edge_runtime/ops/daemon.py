@@ -77,20 +77,26 @@ class Daemon:
         if self._stop is not None:
             self._stop.set()
 
-    async def do_reload(self) -> None:
+    async def do_reload(self) -> Exception | None:
         """What SIGHUP runs: ``reload`` under one lock (reloads run one at a time, in the order asked, so the last
-        one leaves the last configuration in force)."""
+        one leaves the last configuration in force). Returns why it failed (an ``EdgeRuntimeError`` the reload
+        raised after logging it, e.g. a rejected configuration, or an unexpected error, logged here), or None."""
         if self.reload is None:
-            return
+            return None
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
             systemd.notify("RELOADING=1")
+            failed: Exception | None = None
             try:
                 await self.reload()
-            except Exception:  # a failed reload keeps the running config and model
+            except EdgeRuntimeError as exc:   # logged by the reload itself; the running config and model stay
+                failed = exc
+            except Exception as exc:  # a failed reload keeps the running config and model
                 log.exception("reload failed; still serving the previous configuration and model")
+                failed = exc
             systemd.notify("READY=1")
+            return failed
 
     def _signals(self, loop: asyncio.AbstractEventLoop, install: bool) -> None:
         def on_hup() -> None:

@@ -27,6 +27,10 @@ is read from the service when scraped (``_ServiceCollector``), so an idle daemon
 ``edgerec_upstream_state{state}``            with shipping on: 1 for the state (starting, ok, offline, refused);
                                              ``edgerec_upstream_pending_events``, ``..._shipped_events_total``,
                                              ``..._dropped_unshipped_events_total``, ``..._forgets_pending``
+``edgerec_auth_failures_total``              ``auth`` calls with a token that is not valid here
+``edgerec_connections_closed_total{reason}`` connections closed by a bound: ``address_cap`` / ``connection_cap``
+                                             (an idle one closed to admit a new one), ``refused``,
+                                             ``auth_deadline``, ``auth_failures``
 ``process_resident_memory_bytes``            RSS (bytes), with the other ``process_*`` families of
                                              prometheus_client's ProcessCollector (Linux)
 ==========================================  =====================================================================
@@ -177,6 +181,10 @@ class Metrics:
                                  buckets=BUCKETS, registry=self.registry)
         self.errors = Counter("edgerec_errors", "error replies by msgpack-rpc code", ["code"],
                               registry=self.registry)
+        self.auth_failures = Counter("edgerec_auth_failures", "auth calls with a token not valid here (or none)",
+                                     registry=self.registry)
+        self.closed = Counter("edgerec_connections_closed", "connections closed or refused by a bound, by reason",
+                              ["reason"], registry=self.registry)
         ProcessCollector(registry=self.registry)
         self.registry.register(_ServiceCollector(service, sync))
         self._service = service
@@ -194,6 +202,14 @@ class Metrics:
     def count_error(self, code: int) -> None:
         """An error that closed a connection before any request could be read (parse error, oversized frame)."""
         self.errors.labels(str(code)).inc()
+
+    def count_auth_failure(self) -> None:
+        self.auth_failures.inc()
+
+    def count_closed(self, reason: str) -> None:
+        """A connection closed by a bound: address_cap / connection_cap (an idle one closed to admit a new one),
+        refused, auth_deadline, auth_failures."""
+        self.closed.labels(reason).inc()
 
     def rpc_stats(self, p: dict) -> dict:
         """The ``stats {}`` method: ``stats()`` plus ``analytics`` (``events.analytics.Analytics.snapshot``)."""

@@ -15,6 +15,7 @@ import concurrent.futures
 import gc
 import logging
 import os
+import resource
 import socket
 import sqlite3
 import time
@@ -33,11 +34,14 @@ from ..fleet.collector import CollectorStore
 from ..fleet.registry import PEER_METHODS, RegistryService, store_methods
 from ..fleet.shipper import RpcTransport, Shipper, read_upstream_state
 from ..fleet.sync import SyncManager
+from ..rpc.client import Credentials
+from ..rpc.methods import check_keys
 from ..serving.memory import limit_blas_threads, limit_malloc_arenas
 from ..serving.model import Model
 from ..serving.service import Service
 from ..serving.swap import ModelSwapper
 from . import logs, systemd
+from .security import Security, tcp_hosts
 from .daemon import Daemon, run_listening
 from .metrics import Metrics, MetricsEndpoint
 
@@ -48,10 +52,24 @@ RESTART_ONLY = ("server.host", "server.port", "server.unix", "server.threads", "
                 "sync.discovery", "sync.node_id", "metrics.host", "metrics.port", "model.precision", "events.enabled",
                 "events.synchronous", "events.pseudonym_key", "events.session_ttl_seconds", "events.upstream",
                 "events.transport", "events.nats_url", "events.ship_batch", "events.ship_interval_seconds",
-                "events.ship_max_backoff")
+                "events.ship_max_backoff", "server.max_connections", "server.max_connections_per_address",
+                "server.insecure_listen", "auth.client_token_file", "tls.cert_file", "tls.key_file", "tls.ca_file",
+                "tls.client_cert_role", "tls.check_hostname")
 
 
-def _boot_model(cfg: dict) -> tuple[Model | None, SyncManager | None]:
+def raise_fd_limit() -> None:
+    """Raise the soft open-file limit to the hard one (at most 65,536): every connection is a descriptor, and a
+    soft limit of 1,024 would make accept() fail below ``server.max_connections`` plus the daemon's own files."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = min(hard if hard != resource.RLIM_INFINITY else 65536, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError):
+        pass
+
+
+def _boot_model(cfg: dict, credentials: Credentials | None = None) -> tuple[Model | None, SyncManager | None]:
     """The model to serve first, and model sync when a state directory is configured.
 
     Raises:
@@ -64,7 +82,7 @@ def _boot_model(cfg: dict) -> tuple[Model | None, SyncManager | None]:
         sync = SyncManager(None, syn["state_dir"], trusted, precision=cfg["model"]["precision"],
                            registry=split_hostport(syn["registry"]) if syn["registry"] else None,
                            channel=syn["channel"], keep=syn["keep"], poll_seconds=syn["poll_seconds"],
-                           max_backoff=syn["max_backoff"])
+                           max_backoff=syn["max_backoff"], credentials=credentials)
         return (sync.adopt(bundle) if bundle else sync.load_newest()), sync
     if syn["trusted_keys"]:
         verify_bundle(bundle, load_public_keys(syn["trusted_keys"]))
@@ -115,7 +133,8 @@ def shipping_on(cfg: dict) -> bool:
     return bool(cfg["events"]["upstream"]) or cfg["events"]["transport"] == "nats"
 
 
-def make_shipper(cfg: dict, events: EventLog, sync: SyncManager | None, node_id: str) -> Shipper | None:
+def make_shipper(cfg: dict, events: EventLog, sync: SyncManager | None, node_id: str,
+                 credentials: Credentials | None = None) -> Shipper | None:
     """The upstream shipper: ``[events] transport = "nats"`` publishes to JetStream at ``nats_url``; else
     ``upstream`` names the collector (None when it is '': no shipping).
 
@@ -135,10 +154,10 @@ def make_shipper(cfg: dict, events: EventLog, sync: SyncManager | None, node_id:
         if sync is None:
             raise ConfigError("events.upstream = 'registry' needs model sync (sync.state_dir and sync.trusted_keys) "
                               "to know the registry; or give the collector's HOST:PORT")
-        transport = RpcTransport(sync.registry_address)
+        transport = RpcTransport(sync.registry_address, credentials=credentials)
     else:
         addr = split_hostport(ev["upstream"])
-        transport = RpcTransport(lambda: addr)
+        transport = RpcTransport(lambda: addr, credentials=credentials)
     return Shipper(events, node_id, cfg["sync"]["state_dir"], transport, batch_events=ev["ship_batch"],
                    interval=ev["ship_interval_seconds"], max_backoff=ev["ship_max_backoff"])
 
@@ -161,6 +180,7 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
     """
     limit_malloc_arenas()
     limit_blas_threads()
+    raise_fd_limit()
     srv, lim, syn = cfg["server"], cfg["limits"], cfg["sync"]
     port = None if srv["port"] < 0 else srv["port"]
     unix = srv["unix"] or None
@@ -177,9 +197,15 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
         return 2
     node_id = syn["node_id"] or default_node_id(syn["state_dir"], port)
     try:
+        guard = Security(cfg)
+        guard.check_listen(tcp_hosts(srv["host"], port, sockets), "node")
+    except ConfigError as exc:
+        log.error("cannot serve: %s", exc)
+        return 2
+    try:
         events, pseudonym = open_events(cfg)
-        model, sync = _boot_model(cfg)
-        shipper = make_shipper(cfg, events, sync, node_id) if events is not None else None
+        model, sync = _boot_model(cfg, guard.credentials)
+        shipper = make_shipper(cfg, events, sync, node_id, guard.credentials) if events is not None else None
     except (BundleError, ValueError, OSError) as exc:
         log.error("cannot serve: %s", exc)
         return 2
@@ -206,7 +232,21 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
     service.upstream = shipper
     metrics = Metrics(service, methods, sync)
     methods.add("stats", metrics.rpc_stats)
-    state = {"cfg": cfg}
+    state: dict = {"cfg": cfg, "daemon": None}
+
+    async def rpc_reload(p: dict) -> dict:
+        """``reload {}`` (ops): what SIGHUP does (configuration, token files, the newest bundle); returns the
+        model served afterwards."""
+        check_keys(p, (), (), "reload")
+        if state["daemon"] is not None:
+            failed = await state["daemon"].do_reload()
+            if failed is not None:
+                raise failed if isinstance(failed, EdgeRuntimeError) else EdgeRuntimeError(
+                    f"reload failed ({type(failed).__name__}); still serving the previous configuration and model")
+        m = service.model
+        return {"model_version": m.version if m is not None else None}
+
+    methods.add("reload", rpc_reload, is_async=True)
 
     async def reload() -> None:
         """SIGHUP: new settings where they can change live, then the newest bundle (``Daemon.do_reload`` runs one
@@ -216,7 +256,7 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
             new = reload_config() if reload_config is not None else old
         except ValueError as exc:
             log.error("SIGHUP: config rejected, keeping the running one: %s", exc)
-            return
+            raise ConfigError(f"config rejected, keeping the running one: {exc}") from None
         for dotted in RESTART_ONLY:
             sec, key = dotted.split(".")
             if new[sec][key] != old[sec][key]:
@@ -225,6 +265,7 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
                 new[sec][key] = old[sec][key]
         logs.setup(new["log"]["level"], new["log"]["format"])
         log.debug("SIGHUP: effective configuration %s", new)
+        guard.reload(new)
         service.sessions.max_events = new["limits"]["session_events"]
         service.sessions.resize(new["limits"]["max_sessions"])
         service.cache.resize(new["limits"]["cache_entries"], new["limits"]["cache_items"])
@@ -297,7 +338,9 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
                         components=components, reload=reload, on_shutdown=[shutdown],
                         drain_timeout=srv["drain_seconds"],
                         name="node" if model is not None else "node (no model yet)",
-                        stalled_frame_seconds=srv["stalled_frame_seconds"], idle_seconds=srv["idle_seconds"])
+                        stalled_frame_seconds=srv["stalled_frame_seconds"], idle_seconds=srv["idle_seconds"],
+                        **guard.server_options)
+        state["daemon"] = daemon
         # Everything loaded so far (model, id index, restored sessions) lives for the whole run: moved out of the
         # collector's generations, a full collection no longer walks it; and the young generation is collected
         # every GC_THRESHOLDS[0] allocations instead of 700 (the request path makes few cycles). Measured on
@@ -315,11 +358,21 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
 
 def run_registry(bundles: str | os.PathLike, host: str, port: int, discovery: bool = True,
                  name: str | None = None, collect: str | os.PathLike | None = None,
-                 nodes: list[str] | None = None) -> int:
+                 nodes: list[str] | None = None, cfg: dict | None = None) -> int:
     """Serve the published versions in ``bundles`` (``fleet.registry``) until SIGTERM, announced over zeroconf
     unless ``discovery`` is False; with ``collect`` (a directory), also the collector of the events nodes ship
-    (``fleet.collector``: ``ingest``, ``ingest_cursor``; ``nodes`` = the node ids allowed, None = any). Returns the
-    exit status (2 when it cannot start)."""
+    (``fleet.collector``: ``ingest``, ``ingest_cursor``; ``nodes`` = the node ids allowed, None = any). ``cfg``:
+    the configuration whose ``[auth]``, ``[tls]`` and ``[server]`` connection settings apply (``config.load``;
+    None: the defaults, loopback only). Returns the exit status (2 when it cannot start)."""
+    from ..config import load as load_config
+
+    raise_fd_limit()
+    try:
+        guard = Security(cfg if cfg is not None else load_config(env={}, path=os.devnull))
+        guard.check_listen([host], "registry")
+    except ConfigError as exc:
+        log.error("cannot serve: %s", exc)
+        return 2
     os.makedirs(bundles, exist_ok=True)
     service = RegistryService(bundles)
     collector = None
@@ -341,7 +394,8 @@ def run_registry(bundles: str | os.PathLike, host: str, port: int, discovery: bo
             await disc.start()
             components.append(RegistryAnnouncer(disc, service, name or f"registry-{socket.gethostname()}-{port}"))
         try:
-            await Daemon(service.methods, host=host, port=port, components=components, name="registry").run()
+            await Daemon(service.methods, host=host, port=port, components=components, name="registry",
+                         **guard.server_options).run()
         finally:
             if disc is not None:
                 await disc.close()

@@ -4,29 +4,50 @@ or Unix socket) and ``AsyncClient`` (asyncio, one request at a time; the sync lo
 >>> with Client(port=7700) as c:                                         # doctest: +SKIP
 ...     c.call("track", user="u1", item="42", event="view")
 ...     c.call("recommend", user="u1", k=10)["items"]
+
+A server with roles (``rpc/auth.py``) wants ``auth {token}`` first: ``Client(..., token=...)`` sends it on connect;
+``ssl=`` (an ``ssl.SSLContext``, ``rpc/tls.py`` ``client_context``) speaks TLS. ``Credentials`` carries both for the
+fleet's own clients (sync, transfers, shipping, ``FleetClient``).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
+import ssl as _ssl
 from typing import Any
 
 from .. import const
 from ..errors import RpcError
 from .protocol import MsgIds, Replies, pack_notification, pack_request
 
-__all__ = ["AsyncClient", "Client", "RpcError"]
+__all__ = ["AsyncClient", "Client", "Credentials", "RpcError"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """What a client presents: ``token`` (sent as ``auth {token}`` on connect; None: no auth call) and ``ssl`` (a
+    client ``ssl.SSLContext``; None: plain TCP). ``repr`` never shows the token."""
+
+    token: str | None = dataclasses.field(default=None, repr=False)
+    ssl: _ssl.SSLContext | None = None
+
+
+NO_CREDENTIALS = Credentials()
 
 
 class Client:
     """Blocking client over TCP (``host``, ``port``) or a Unix socket (``unix``); ``timeout`` s per socket operation.
+    ``token``: authenticate with it on connect (``auth``); ``ssl``: a client TLS context (TCP only).
 
     Raises:
-        OSError: cannot connect / connection lost; RpcError: the daemon answered with an error.
+        OSError: cannot connect / connection lost (``ssl.SSLError`` for a TLS failure); RpcError: the daemon
+            answered with an error (``AuthenticationFailed`` when the token is refused).
     """
 
     def __init__(self, host: str = const.DEFAULT_HOST, port: int = const.DEFAULT_PORT, unix: str | None = None,
-                 timeout: float | None = const.CLIENT_TIMEOUT_SECONDS):
+                 timeout: float | None = const.CLIENT_TIMEOUT_SECONDS, token: str | None = None,
+                 ssl: _ssl.SSLContext | None = None):
         if unix:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
@@ -34,8 +55,21 @@ class Client:
         else:
             self.sock = socket.create_connection((host, port), timeout=timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ssl is not None:
+                try:
+                    self.sock = ssl.wrap_socket(self.sock, server_hostname=host)
+                except BaseException:
+                    self.sock.close()
+                    raise
         self._replies = Replies()
         self._ids = MsgIds()
+        self.role: str | None = None
+        if token is not None:
+            try:
+                self.role = self.call("auth", token=token).get("role")
+            except BaseException:
+                self.sock.close()
+                raise
 
     def __enter__(self) -> "Client":
         return self
@@ -75,7 +109,8 @@ class Client:
 class AsyncClient:
     """asyncio MessagePack-RPC client, one request at a time (the sync loop's transfers; peers and registry).
 
-    ``await AsyncClient.connect(host, port, timeout)``; ``await c.call(method, **params)``; ``await c.close()``.
+    ``await AsyncClient.connect(host, port, timeout, credentials)``; ``await c.call(method, **params)``;
+    ``await c.close()``. With ``credentials`` (``Credentials``): TLS when it has a context, ``auth`` when a token.
 
     Raises:
         OSError / asyncio.TimeoutError: cannot connect, connection lost, or no reply within ``timeout`` s;
@@ -88,9 +123,19 @@ class AsyncClient:
         self._ids = MsgIds()
 
     @classmethod
-    async def connect(cls, host: str, port: int, timeout: float = const.SYNC_TIMEOUT_SECONDS) -> "AsyncClient":
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        return cls(reader, writer, timeout)
+    async def connect(cls, host: str, port: int, timeout: float = const.SYNC_TIMEOUT_SECONDS,
+                      credentials: Credentials | None = None) -> "AsyncClient":
+        cred = credentials or NO_CREDENTIALS
+        tls = {"ssl": cred.ssl, "server_hostname": host} if cred.ssl is not None else {}
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **tls), timeout)
+        c = cls(reader, writer, timeout)
+        if cred.token is not None:
+            try:
+                await c.call("auth", token=cred.token)
+            except BaseException:
+                await c.close()
+                raise
+        return c
 
     async def call(self, method: str, **params) -> Any:
         msgid = self._ids()

@@ -11,25 +11,40 @@ Robustness (every bound is in ``const.py``):
   connection stays open; a handler exception becomes an error reply carrying the request's msgid;
 * back-pressure: at most ``MAX_INFLIGHT_PER_CONNECTION`` requests run per connection (further frames wait in the
   socket, not in memory), and reading stops while the client does not read its replies (transport high-water mark);
-* at most ``MAX_CONNECTIONS`` connections; a frame not complete ``STALLED_FRAME_SECONDS`` after its first byte
-  closes its connection, and so does ``IDLE_SECONDS`` without a byte or a request in flight;
+* at most ``MAX_CONNECTIONS`` connections, and ``MAX_CONNECTIONS_PER_ADDRESS`` from one TCP client address; at
+  either cap a new connection is admitted by closing the longest-idle one (one that never sent a byte first,
+  never one with a request in flight), so a flood of idle connections cannot lock legitimate clients out; a frame
+  not complete ``STALLED_FRAME_SECONDS`` after its first byte closes its connection, and so does ``IDLE_SECONDS``
+  without a byte or a request in flight;
+* roles (``auth.py``): with an ``Authenticator`` that enforces, a connection gets a role from ``auth {token}``, its
+  verified TLS client certificate or its Unix peer's uid; until then only ``auth`` and ``health`` answer, other
+  methods get ``NotPermitted``; an unauthenticated connection closes ``AUTH_DEADLINE_SECONDS`` after it opened, and
+  one with ``AUTH_MAX_FAILURES`` failed ``auth`` calls at once; TLS (``tls.py``) on the TCP listeners when given;
 * a client that half-closes (EOF) still gets the replies to what it sent.
 """
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import logging
 import os
 import socket
+import ssl as _ssl
 import stat
+import struct
+import termios
 import time
+from collections import OrderedDict
 from typing import Any, Protocol
 
 import msgpack
 
 from .. import const
-from ..errors import INTERNAL_ERROR, EdgeRuntimeError, FrameTooLarge, ParseError, ProtocolError
-from .methods import MethodTable
+from ..errors import (INTERNAL_ERROR, AuthenticationFailed, EdgeRuntimeError, FrameTooLarge, InvalidParams,
+                      NotPermitted, ParseError, ProtocolError)
+from .auth import PUBLIC_HEALTH, ROLE_OF, Authenticator
+from .methods import MethodTable, check_keys
 from .protocol import NOTIFICATION, REQUEST, error_object, is_int, pack_response, params_map, unpacker
 
 log = logging.getLogger(__name__)
@@ -43,12 +58,22 @@ class Observer(Protocol):
 
     def count_error(self, code: int) -> None: ...
 
+    def count_auth_failure(self) -> None: ...
+
+    def count_closed(self, reason: str) -> None: ...
+
 
 class _NoObserver:
     def observe(self, method: Any, seconds: float, code: int | None) -> None:
         pass
 
     def count_error(self, code: int) -> None:
+        pass
+
+    def count_auth_failure(self) -> None:
+        pass
+
+    def count_closed(self, reason: str) -> None:
         pass
 
 
@@ -75,18 +100,49 @@ class RpcConnection(asyncio.Protocol):
         # is tracked here: bytes fed so far minus the stream offset where the current frame started.
         self.fed = 0
         self.frame_start = 0
+        self.address: str | None = None   # the TCP client's address (None: Unix socket)
+        self.requested = False            # has sent a request (idle connections that never did go first)
+        self.role: str | None = None      # auth.py: None until authenticated
+        self.auth_failures = 0
+        self._auth_timer: asyncio.TimerHandle | None = None
 
     # -- transport callbacks ---------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if len(self.server.connections) >= self.server.max_connections:
-            log.warning("refusing a connection: %d connections open (limit)", len(self.server.connections))
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.address = str(peer[0])
+        if not self.server.admit(self):
             self.closed = True
             transport.close()
             return
-        self.server.connections.add(self)
         self.transport.set_write_buffer_limits(high=const.WRITE_HIGH_WATER_BYTES)
         self._touch()
+        auth = self.server.auth
+        if auth is not None and auth.enforced:
+            self.role = self._credential_role(auth)
+            if self.role is None:
+                self._auth_timer = asyncio.get_running_loop().call_later(auth.deadline_seconds, self._auth_deadline)
+
+    def _credential_role(self, auth: Authenticator) -> str | None:
+        """The role the transport itself proves: a verified TLS client certificate, or the Unix peer's uid."""
+        if self.transport.get_extra_info("ssl_object") is not None:
+            return auth.cert_role if auth.cert_role and self.transport.get_extra_info("peercert") else None
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX and auth.unix_roles:
+            try:
+                _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                      struct.calcsize("3i")))
+            except (OSError, struct.error):
+                return None
+            return auth.unix_roles.get(uid)
+        return None
+
+    def _auth_deadline(self) -> None:
+        if not self.closed and not self.discarding and self.role is None:
+            self.server.note_closed("auth_deadline")
+            self._fatal(AuthenticationFailed(f"not authenticated within {self.server.auth.deadline_seconds:g} s "
+                                             f"(call auth {{token}} first); closing"))
 
     def _touch(self) -> None:
         """Restart the idle deadline: a connection with nothing in flight and no bytes for IDLE_SECONDS closes."""
@@ -106,10 +162,16 @@ class RpcConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        for timer in (self._linger, self._stall, self._idle):
+        for timer in (self._linger, self._stall, self._idle, self._auth_timer):
             if timer is not None:
                 timer.cancel()
-        self.server.connections.discard(self)
+        self.server.forget(self)
+
+    def evict(self) -> None:
+        """Closed to admit a new connection at a connection cap (the server has already unlisted it)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
     # Reading is paused while too many requests run, while the client does not read its replies, or both.
     def _update_reading(self) -> None:
@@ -246,6 +308,7 @@ class RpcConnection(asyncio.Protocol):
     # -- dispatch ----------------------------------------------------------------------------------------------
     def _dispatch(self, msg: Any) -> None:
         self.server.received += 1
+        self.server.active(self)
         if not isinstance(msg, (list, tuple)):
             self._fatal(ProtocolError(f"a msgpack-rpc message is an array, got {type(msg).__name__}; closing"))
             return
@@ -264,11 +327,22 @@ class RpcConnection(asyncio.Protocol):
 
     def _run(self, msgid: int | None, method: Any, params: Any) -> None:
         t0 = time.perf_counter()
+        auth = self.server.auth
         try:
+            if method == "auth":
+                self._finish(msgid, self._auth(params), None)
+                self.observer.observe(method, time.perf_counter() - t0, None)
+                return
+            if auth is not None and auth.enforced and method in self.methods \
+                    and not auth.permitted(self.role, method):
+                raise self._not_permitted(method)
             handler, is_async = self.methods.lookup(method)
             p = params_map(params)
             if not is_async:
                 result = handler(p)
+                if method == "health" and self.role is None and auth is not None and auth.enforced \
+                        and isinstance(result, dict):
+                    result = {k: result[k] for k in PUBLIC_HEALTH if k in result}
                 if isinstance(result, asyncio.Future):   # a reply that comes later (e.g. after a disk commit)
                     self._pending(result, msgid, method, t0)
                     return
@@ -278,6 +352,10 @@ class RpcConnection(asyncio.Protocol):
         except EdgeRuntimeError as exc:
             self._finish(msgid, None, exc)
             self.observer.observe(method, time.perf_counter() - t0, exc.code)
+            if isinstance(exc, AuthenticationFailed) and auth is not None \
+                    and self.auth_failures >= auth.max_failures:
+                self.server.note_closed("auth_failures")
+                self._fatal(AuthenticationFailed(f"{self.auth_failures} failed auth attempts; closing"))
             return
         except Exception as exc:  # a bug in a handler must not take the connection down
             log.exception("handler %r failed", method)
@@ -285,6 +363,56 @@ class RpcConnection(asyncio.Protocol):
             self.observer.observe(method, time.perf_counter() - t0, INTERNAL_ERROR)
             return
         self._pending(asyncio.ensure_future(handler(p)), msgid, method, t0)
+
+    def _not_permitted(self, method: str) -> NotPermitted:
+        need = ROLE_OF.get(method)
+        if need is None:
+            return NotPermitted(f"{method!r} is open to no role on this server")
+        if self.role is None:
+            return NotPermitted(f"{method!r} needs the {need!r} role; this connection has not authenticated "
+                                f"(call auth {{token}} first)")
+        return NotPermitted(f"{method!r} needs the {need!r} role; this connection has the {self.role!r} role")
+
+    def _auth(self, params: Any) -> dict:
+        """``auth {token}``: the connection's role. The token is never logged or echoed.
+
+        Raises:
+            InvalidParams: no ``token`` string (counted as a failed attempt).
+            AuthenticationFailed: not a valid token here (counted; the connection closes after a few).
+            ProtocolError: the connection already has a role.
+        """
+        auth = self.server.auth
+        if auth is None or not auth.enforced:
+            return {"role": None, "enforced": False}
+        try:
+            p = params_map(params)
+            check_keys(p, ("token",), ("token",), "auth")
+            token = p["token"]
+            if not isinstance(token, str) or not 0 < len(token) <= const.MAX_TOKEN_CHARS:
+                raise InvalidParams(f"auth: 'token' must be a string of 1 to {const.MAX_TOKEN_CHARS} characters")
+        except InvalidParams as exc:
+            self._failed_auth()
+            raise AuthenticationFailed(str(exc)) from None
+        role = auth.role_of_token(token)
+        if self.role is not None:
+            if role == self.role:
+                return {"role": role, "enforced": True}
+            raise ProtocolError(f"this connection has the {self.role!r} role already; open another connection "
+                                f"for another role")
+        if role is None:
+            self._failed_auth()
+            raise AuthenticationFailed("auth: the token is not valid on this server")
+        self.role = role
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        return {"role": role, "enforced": True}
+
+    def _failed_auth(self) -> None:
+        self.auth_failures += 1
+        self.server.auth.failures += 1
+        self.observer.count_auth_failure()
+        self.server.note("auth_failed", f"failed auth attempt from {self.address or 'the unix socket'}")
 
     def _pending(self, task: asyncio.Future, msgid: int | None, method: str, t0: float) -> None:
         """A request whose reply is ``task``'s outcome (a coroutine handler's task, or a future a handler returned):
@@ -363,21 +491,103 @@ class RpcServer:
                  max_frame_bytes: int = const.MAX_FRAME_BYTES,
                  max_inflight: int = const.MAX_INFLIGHT_PER_CONNECTION, max_connections: int = const.MAX_CONNECTIONS,
                  stalled_frame_seconds: float = const.STALLED_FRAME_SECONDS,
-                 idle_seconds: float = const.IDLE_SECONDS):
+                 idle_seconds: float = const.IDLE_SECONDS,
+                 max_connections_per_address: int = const.MAX_CONNECTIONS_PER_ADDRESS,
+                 auth: Authenticator | None = None, ssl: _ssl.SSLContext | None = None):
         self.methods = methods
         self.observer = observer if observer is not None else _NoObserver()
         self.max_frame_bytes = max_frame_bytes
         self.max_inflight = max_inflight
         self.max_connections = max_connections
+        self.max_per_address = max_connections_per_address
         self.stalled_frame_seconds = stalled_frame_seconds
         self.idle_seconds = idle_seconds
+        self.auth = auth
+        self.ssl = ssl
         self._unix_inode: int | None = None
         self.connections: set[RpcConnection] = set()
+        # least recently active first (activity = a frame dispatched): where the idle connection to close is found
+        self._order: OrderedDict[RpcConnection, None] = OrderedDict()
+        self._by_address: dict[str, OrderedDict[RpcConnection, None]] = {}
+        self._notes: dict[str, list] = {}
         self.tasks: set[asyncio.Task] = set()
         self.servers: list[asyncio.base_events.Server] = []
         self.addresses: list[str] = []
         self.received = 0
         self.draining = False
+
+    # -- admission ---------------------------------------------------------------------------------------------
+    def admit(self, conn: RpcConnection) -> bool:
+        """List a new connection; at the per-address or the global cap, close the longest-idle connection of that
+        scope to make room (``evict``). False (refuse the new one) only when every connection there is busy."""
+        addr = conn.address
+        peers = self._by_address.get(addr) if addr is not None else None
+        if peers is not None and len(peers) >= self.max_per_address and not self._evict(peers, "address_cap"):
+            self.note_closed("refused")
+            return False
+        if len(self.connections) >= self.max_connections and not self._evict(self._order, "connection_cap"):
+            self.note_closed("refused")
+            return False
+        self.connections.add(conn)
+        self._order[conn] = None
+        if addr is not None:
+            self._by_address.setdefault(addr, OrderedDict())[conn] = None
+        return True
+
+    def _evict(self, order: "OrderedDict[RpcConnection, None]", reason: str) -> bool:
+        """Close the connection of ``order`` that has been idle longest, never one with a request in flight: first
+        one that never sent a byte (none read, none waiting in its socket: a legitimate client whose first request
+        the loop has not read yet is spared), then one that never completed a request, then the least recently
+        active one."""
+        victim, best = None, 3
+        for c in order:   # tiers: 0 never sent a byte, 1 never sent a whole request, 2 idle now (oldest first)
+            if c.inflight or c.reading_paused:
+                continue
+            tier = 2 if c.requested else 1 if c.fed or _bytes_waiting(c.transport) else 0
+            if tier < best:
+                victim, best = c, tier
+                if tier == 0:
+                    break
+        if victim is None:
+            return False
+        self.forget(victim)
+        victim.evict()
+        self.note_closed(reason)
+        return True
+
+    def active(self, conn: RpcConnection) -> None:
+        """A frame from ``conn``: it moves to the most recently active end."""
+        conn.requested = True
+        if conn in self._order:
+            self._order.move_to_end(conn)
+            if conn.address is not None:
+                self._by_address[conn.address].move_to_end(conn)
+
+    def forget(self, conn: RpcConnection) -> None:
+        self.connections.discard(conn)
+        self._order.pop(conn, None)
+        peers = self._by_address.get(conn.address) if conn.address is not None else None
+        if peers is not None:
+            peers.pop(conn, None)
+            if not peers:
+                del self._by_address[conn.address]
+
+    def note_closed(self, reason: str) -> None:
+        """Count a connection closed (or refused) by a bound: address_cap, connection_cap, refused, auth_deadline,
+        auth_failures; logged at most once per ``const.SECURITY_LOG_SECONDS`` per reason."""
+        self.observer.count_closed(reason)
+        self.note(reason, f"connection closed ({reason})")
+
+    def note(self, kind: str, what: str) -> None:
+        """A warning that a flood would repeat thousands of times: the first one, then a count at most every
+        ``const.SECURITY_LOG_SECONDS``."""
+        now = time.monotonic()
+        entry = self._notes.setdefault(kind, [-const.SECURITY_LOG_SECONDS, 0])
+        entry[1] += 1
+        if now - entry[0] >= const.SECURITY_LOG_SECONDS:
+            more = f"; {entry[1]} such in the last {now - entry[0]:.0f} s" if entry[1] > 1 else ""
+            log.warning("%s (%d connections open%s)", what, len(self.connections), more)
+            entry[0], entry[1] = now, 0
 
     async def start(self, host: str | None = const.DEFAULT_HOST, port: int | None = const.DEFAULT_PORT,
                     unix: str | None = None, sockets: list[socket.socket] | None = None) -> list[str]:
@@ -392,18 +602,23 @@ class RpcServer:
                     srv = await loop.create_unix_server(factory, sock=sock)
                     self.addresses.append(f"unix://{sock.getsockname()} (socket activation)")
                 else:
-                    srv = await loop.create_server(factory, sock=sock)
+                    srv = await loop.create_server(factory, sock=sock, ssl=self.ssl, backlog=const.ACCEPT_BATCH,
+                                                   ssl_handshake_timeout=self._handshake())
+                    _deepen_backlog(srv)
                     addr = sock.getsockname()
                     self.addresses.append(f"tcp://{addr[0]}:{addr[1]} (socket activation)")
                 self.servers.append(srv)
             return self.addresses
         if port is not None:
-            srv = await loop.create_server(factory, host, port, reuse_address=True)
+            srv = await loop.create_server(factory, host, port, reuse_address=True, ssl=self.ssl,
+                                           backlog=const.ACCEPT_BATCH, ssl_handshake_timeout=self._handshake())
+            _deepen_backlog(srv)
             self.servers.append(srv)
             for sock in srv.sockets:
                 addr = sock.getsockname()
-                self.addresses.append(f"tcp://{addr[0]}:{addr[1]}" if sock.family == socket.AF_INET
-                                      else f"tcp://[{addr[0]}]:{addr[1]}")
+                scheme = "tls" if self.ssl is not None else "tcp"
+                self.addresses.append(f"{scheme}://{addr[0]}:{addr[1]}" if sock.family == socket.AF_INET
+                                      else f"{scheme}://[{addr[0]}]:{addr[1]}")
         if unix is not None:
             _remove_stale_socket(unix)
             srv = await loop.create_unix_server(factory, unix)
@@ -412,6 +627,9 @@ class RpcServer:
             self.servers.append(srv)
             self.addresses.append(f"unix://{unix}")
         return self.addresses
+
+    def _handshake(self) -> float | None:
+        return const.TLS_HANDSHAKE_SECONDS if self.ssl is not None else None
 
     @property
     def tcp_port(self) -> int | None:
@@ -460,6 +678,31 @@ class RpcServer:
                 os.unlink(path)
         except OSError:
             pass
+
+
+def _deepen_backlog(srv: asyncio.base_events.Server) -> None:
+    """asyncio uses one number for the kernel's accept queue and for the connections accepted per loop turn; keep
+    the turn short (``const.ACCEPT_BATCH``: a flood cannot hold the loop) and the queue long
+    (``const.LISTEN_BACKLOG``: a legitimate SYN is not dropped into a 1 s retransmit while a flood fills it)."""
+    for ts in srv.sockets:
+        try:
+            with socket.socket(fileno=os.dup(ts.fileno())) as s:
+                s.listen(const.LISTEN_BACKLOG)
+        except OSError:
+            pass
+
+
+def _bytes_waiting(transport: asyncio.BaseTransport | None) -> bool:
+    """Bytes received by the kernel that the loop has not read yet (``FIONREAD``); True when it cannot tell."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return True
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf, True)
+    except OSError:
+        return True
+    return buf[0] > 0
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -8,6 +8,8 @@ import onnxruntime as ort
 
 from ..errors import BundleError
 
+ort.disable_telemetry_events()   # and ORT_DISABLE_TELEMETRY=1 before the import (edge_runtime/__init__.py)
+
 
 class Encoder:
     """ONNX Runtime session encoder: ``item_seq`` int64 [B, L] -> ``user_vec`` float32 [B, d].
