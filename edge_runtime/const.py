@@ -56,6 +56,9 @@ MAX_TOKEN_CHARS = 512        # longest token an auth call may present (longer: r
 # An unauthenticated connection (tokens configured) is closed this long after it opened unless it authenticated.
 AUTH_DEADLINE_SECONDS = 5.0  # s
 AUTH_MAX_FAILURES = 3        # failed auth calls on one connection before it is closed
+# Frame bytes a connection without a role may make the server buffer and decode (roles enforced): an auth call is
+# ~90 bytes; 64 KiB keeps an anonymous client's decoding work small (a 1 MiB frame of a million empty maps is not).
+MAX_ANONYMOUS_FRAME_BYTES = 64 << 10   # bytes
 TLS_HANDSHAKE_SECONDS = 10.0   # s a TLS handshake may take (a connection that never completes one is dropped)
 SECURITY_LOG_SECONDS = 10.0   # s between log lines about a repeated bound (a flood logs a count, not a line each)
 

@@ -408,10 +408,10 @@ def _publish(args) -> int:
 def _registry(args) -> int:
     from edge_runtime import config as config_mod
 
+    flags = {k: v for k, v in vars(args).items()
+             if k in ("token_file", "client_token_file", "tls_cert", "tls_key", "tls_ca", "insecure_listen")}
     try:
-        cfg = config_mod.load(args.config, flags={k: v for k, v in vars(args).items()
-                                                  if k in ("token_file", "client_token_file", "tls_cert", "tls_key",
-                                                           "tls_ca", "insecure_listen")})
+        cfg = config_mod.load(args.config, flags=flags)
     except config_mod.ConfigError as exc:
         print(f"edgerec registry: config error: {exc}", file=sys.stderr)
         return 2
@@ -419,7 +419,8 @@ def _registry(args) -> int:
     if node is None:
         return 2
     return node.run_registry(args.bundles, args.host, args.port, discovery=not args.no_discovery, name=args.name,
-                             collect=args.collect, nodes=args.nodes, cfg=cfg)
+                             collect=args.collect, nodes=args.nodes, cfg=cfg,
+                             reload_config=lambda: config_mod.load(args.config, flags=flags))
 
 
 def _collect(args) -> int:

@@ -263,9 +263,9 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
                 log.warning("SIGHUP: %s changed (%r -> %r); it takes effect at the next restart", dotted,
                             old[sec][key], new[sec][key])
                 new[sec][key] = old[sec][key]
+        guard.reload(new)   # first: a rejected token file or an auth switch-off changes nothing at all
         logs.setup(new["log"]["level"], new["log"]["format"])
         log.debug("SIGHUP: effective configuration %s", new)
-        guard.reload(new)
         service.sessions.max_events = new["limits"]["session_events"]
         service.sessions.resize(new["limits"]["max_sessions"])
         service.cache.resize(new["limits"]["cache_entries"], new["limits"]["cache_items"])
@@ -358,12 +358,14 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
 
 def run_registry(bundles: str | os.PathLike, host: str, port: int, discovery: bool = True,
                  name: str | None = None, collect: str | os.PathLike | None = None,
-                 nodes: list[str] | None = None, cfg: dict | None = None) -> int:
+                 nodes: list[str] | None = None, cfg: dict | None = None,
+                 reload_config: Callable[[], dict] | None = None) -> int:
     """Serve the published versions in ``bundles`` (``fleet.registry``) until SIGTERM, announced over zeroconf
     unless ``discovery`` is False; with ``collect`` (a directory), also the collector of the events nodes ship
     (``fleet.collector``: ``ingest``, ``ingest_cursor``; ``nodes`` = the node ids allowed, None = any). ``cfg``:
     the configuration whose ``[auth]``, ``[tls]`` and ``[server]`` connection settings apply (``config.load``;
-    None: the defaults, loopback only). Returns the exit status (2 when it cannot start)."""
+    None: the defaults, loopback only); ``reload_config``: called on SIGHUP for the new one (its token files are
+    re-read: rotation). Returns the exit status (2 when it cannot start)."""
     from ..config import load as load_config
 
     raise_fd_limit()
@@ -387,6 +389,19 @@ def run_registry(bundles: str | os.PathLike, host: str, port: int, discovery: bo
         log.info("collector %s: %d events stored; nodes %s", collector.path, collector.count(),
                  "any" if nodes is None else sorted(nodes))
 
+    async def reload() -> None:
+        """SIGHUP: the token files again (the bundles directory is read on every call anyway)."""
+        if reload_config is None:
+            log.info("SIGHUP: nothing to re-read (no configuration file)")
+            return
+        try:
+            new = reload_config()
+        except ValueError as exc:
+            log.error("SIGHUP: config rejected, keeping the running one: %s", exc)
+            raise ConfigError(f"config rejected, keeping the running one: {exc}") from None
+        guard.reload(new)
+        log.info("SIGHUP: %d token(s) in force", guard.auth.token_count)
+
     async def main() -> None:
         components, disc = [], None
         if discovery:
@@ -395,7 +410,7 @@ def run_registry(bundles: str | os.PathLike, host: str, port: int, discovery: bo
             components.append(RegistryAnnouncer(disc, service, name or f"registry-{socket.gethostname()}-{port}"))
         try:
             await Daemon(service.methods, host=host, port=port, components=components, name="registry",
-                         **guard.server_options).run()
+                         reload=reload, **guard.server_options).run()
         finally:
             if disc is not None:
                 await disc.close()

@@ -182,13 +182,22 @@ class Security:
                      "on" if self.tls is not None else "off")
 
     def reload(self, cfg: dict) -> None:
-        """SIGHUP: the new token files and uid roles (rotation); kept as they were if they cannot be read."""
+        """SIGHUP / ``reload``: the new token files and uid roles (rotation), applied only if all of them can be
+        read and roles stay enforced where they were.
+
+        Raises:
+            ConfigError: a token file cannot be read, or the new settings would turn authentication off (no
+                token, uid or client certificate role left): the previous tokens stay (logged).
+        """
         try:
-            self.auth.replace(load_tokens(cfg["auth"]["token_files"]),
-                              unix_roles(cfg["auth"]["unix_roles"]))
+            tokens, uids = load_tokens(cfg["auth"]["token_files"]), unix_roles(cfg["auth"]["unix_roles"])
+            if self.auth.enforced and not tokens and not uids and not self.auth.cert_role:
+                raise ConfigError("the new [auth] settings hold no token and no uid role: that would open every "
+                                  "method to anyone who can connect; restart the process to turn authentication off")
         except ConfigError as exc:
-            log.error("SIGHUP: auth settings rejected, keeping the previous tokens: %s", exc)
-            return
+            log.error("reload: auth settings rejected, keeping the previous tokens: %s", exc)
+            raise
+        self.auth.replace(tokens, uids)
         self.auth.deadline_seconds = cfg["auth"]["deadline_seconds"]
         self.auth.max_failures = cfg["auth"]["max_failures"]
 

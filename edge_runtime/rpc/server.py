@@ -19,8 +19,12 @@ Robustness (every bound is in ``const.py``):
 * roles (``auth.py``): with an ``Authenticator`` that enforces, a connection gets a role from ``auth {token}``, its
   verified TLS client certificate or its Unix peer's uid; until then only ``auth`` and ``health`` answer, other
   methods get ``NotPermitted``; an unauthenticated connection closes ``AUTH_DEADLINE_SECONDS`` after it opened, and
-  one with ``AUTH_MAX_FAILURES`` failed ``auth`` calls at once; TLS (``tls.py``) on the TCP listeners when given;
-* a client that half-closes (EOF) still gets the replies to what it sent.
+  one with ``AUTH_MAX_FAILURES`` failed ``auth`` calls at once; until it has a role its frames are limited to
+  ``MAX_ANONYMOUS_FRAME_BYTES``; TLS (``tls.py``) on the TCP listeners when given;
+* a client that half-closes (EOF) still gets the replies to what it sent (TCP and Unix sockets; asyncio's TLS has
+  no half-close, so there the connection ends);
+* TLS starts after admission (``loop.start_tls``): a connection in its handshake counts against the caps, and bytes
+  that arrive with the end of the handshake wait until the encrypted transport is in place.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import msgpack
 
 from .. import const
 from ..errors import (INTERNAL_ERROR, AuthenticationFailed, EdgeRuntimeError, FrameTooLarge, InvalidParams,
-                      NotPermitted, ParseError, ProtocolError)
+                      MethodNotFound, NotPermitted, ParseError, ProtocolError)
 from .auth import PUBLIC_HEALTH, ROLE_OF, Authenticator
 from .methods import MethodTable, check_keys
 from .protocol import NOTIFICATION, REQUEST, error_object, is_int, pack_response, params_map, unpacker
@@ -85,7 +89,9 @@ class RpcConnection(asyncio.Protocol):
         self.methods = server.methods
         self.observer = server.observer
         self.transport: asyncio.Transport | None = None
-        self.unpacker = unpacker(server.max_frame_bytes)
+        self.anonymous = server.auth is not None and server.auth.enforced   # no role yet: smaller frames
+        self.unpacker = unpacker(self._frame_limit())
+        self._base = 0   # stream offset where the current unpacker started (it is replaced once a role is set)
         self.inflight = 0
         self.reading_paused = False
         self.write_paused = False
@@ -105,6 +111,9 @@ class RpcConnection(asyncio.Protocol):
         self.role: str | None = None      # auth.py: None until authenticated
         self.auth_failures = 0
         self._auth_timer: asyncio.TimerHandle | None = None
+        self.handshaking = False
+        self._tls_task: asyncio.Future | None = None
+        self._early: list[bytes] = []
 
     # -- transport callbacks ---------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -118,11 +127,47 @@ class RpcConnection(asyncio.Protocol):
             return
         self.transport.set_write_buffer_limits(high=const.WRITE_HIGH_WATER_BYTES)
         self._touch()
+        if self.server.ssl is not None and self.address is not None:
+            # TLS after admission: a connection in its handshake counts against the caps like any other
+            self.handshaking = True
+            transport.pause_reading()   # the ClientHello is for start_tls, not for the msgpack decoder
+            self._tls_task = asyncio.ensure_future(self._start_tls())
+            return
+        self._authorize()
+
+    async def _start_tls(self) -> None:
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                self.transport, self, self.server.ssl, server_side=True,
+                ssl_handshake_timeout=const.TLS_HANDSHAKE_SECONDS)
+        except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:   # ssl.SSLError is OSError
+            log.debug("TLS handshake with %s failed: %r", self.address, exc)
+            self.closed = True
+            self.transport.close()
+            self.server.forget(self)
+            return
+        if self.closed:   # closed (evicted, idle) while the handshake ran
+            tls.close()
+            return
+        self.transport = tls
+        self.handshaking = False
+        tls.set_write_buffer_limits(high=const.WRITE_HIGH_WATER_BYTES)
+        self._authorize()
+        early, self._early = self._early, []
+        for data in early:   # requests that arrived with the end of the handshake, before start_tls returned
+            self.data_received(data)
+
+    def _authorize(self) -> None:
+        """The role the transport proves, or the deadline to authenticate (servers that enforce roles)."""
         auth = self.server.auth
         if auth is not None and auth.enforced:
-            self.role = self._credential_role(auth)
-            if self.role is None:
+            role = self._credential_role(auth)
+            if role is not None:
+                self._granted(role)
+            else:
                 self._auth_timer = asyncio.get_running_loop().call_later(auth.deadline_seconds, self._auth_deadline)
+        else:
+            self.anonymous = False
 
     def _credential_role(self, auth: Authenticator) -> str | None:
         """The role the transport itself proves: a verified TLS client certificate, or the Unix peer's uid."""
@@ -142,7 +187,7 @@ class RpcConnection(asyncio.Protocol):
         if not self.closed and not self.discarding and self.role is None:
             self.server.note_closed("auth_deadline")
             self._fatal(AuthenticationFailed(f"not authenticated within {self.server.auth.deadline_seconds:g} s "
-                                             f"(call auth {{token}} first); closing"))
+                                             f"(call auth {{token}} first); closing"), quiet=True)
 
     def _touch(self) -> None:
         """Restart the idle deadline: a connection with nothing in flight and no bytes for IDLE_SECONDS closes."""
@@ -195,11 +240,12 @@ class RpcConnection(asyncio.Protocol):
         self._update_reading()
 
     def eof_received(self) -> bool:
-        """Half-close: keep the transport open to answer what was sent; close once nothing is in flight."""
+        """Half-close: keep the transport open to answer what was sent; close once nothing is in flight. TLS has no
+        half-close in asyncio: there the connection ends (a TLS client waits for its replies before closing)."""
         self.eof = True
         self._process()
         self._close_if_done()
-        return True
+        return self.transport is None or self.transport.get_extra_info("ssl_object") is None
 
     def _close_if_drained(self) -> None:
         """Draining, every received frame dispatched: once nothing runs, a lingering close (replies flushed, EOF
@@ -224,6 +270,14 @@ class RpcConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.discarding:
             return
+        if self.handshaking:   # TLS: the decrypted transport is not ours yet (see _start_tls)
+            if sum(map(len, self._early)) + len(data) > self._frame_limit():
+                self._early = []
+                self.closed = True
+                self.transport.close()
+                return
+            self._early.append(data)
+            return
         self._touch()
         self.fed += len(data)
         try:
@@ -233,13 +287,36 @@ class RpcConnection(asyncio.Protocol):
             return
         self._process()
 
+    def _frame_limit(self) -> int:
+        """``max_frame_bytes``; before a connection has a role on a server that enforces roles, at most
+        ``const.MAX_ANONYMOUS_FRAME_BYTES`` (what an anonymous client may make the server buffer and decode)."""
+        if self.anonymous:
+            return min(self.server.max_frame_bytes, const.MAX_ANONYMOUS_FRAME_BYTES)
+        return self.server.max_frame_bytes
+
+    def _granted(self, role: str) -> None:
+        """The connection has ``role`` now: full-size frames (the bytes buffered so far move to a new decoder)."""
+        self.role = role
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        if self.anonymous and self.unpacker is not None:
+            self.anonymous = False
+            pos = self._base + self.unpacker.tell()
+            rest = self.unpacker.read_bytes(self.fed - pos)
+            self.unpacker = unpacker(self._frame_limit())
+            self.unpacker.feed(rest)
+            self._base = pos
+        self.anonymous = False
+
     def _too_large(self) -> FrameTooLarge:
-        return FrameTooLarge(f"frame larger than {self.server.max_frame_bytes} bytes; split the request "
+        limit = self._frame_limit()
+        before = " before authenticating" if self.anonymous else ""
+        return FrameTooLarge(f"frame larger than {limit} bytes{before}; split the request "
                              f"(e.g. fewer events per track_batch); closing")
 
     def _process(self) -> None:
         """Dispatch buffered frames while the in-flight limit and the client's reading allow it."""
-        limit = self.server.max_frame_bytes
         while not self.closed and not self.discarding and self.unpacker is not None:
             if self.server.draining:   # shutting down: read nothing more; frames already received still run
                 self._update_reading()
@@ -251,7 +328,7 @@ class RpcConnection(asyncio.Protocol):
             try:
                 msg = next(self.unpacker)
             except StopIteration:
-                if self.fed - self.frame_start > limit:
+                if self.fed - self.frame_start > self._frame_limit():
                     self._fatal(self._too_large())
                 if self.server.draining:
                     self._close_if_drained()
@@ -271,9 +348,9 @@ class RpcConnection(asyncio.Protocol):
             except Exception as exc:  # ExtraData, FormatError, StackError, UnicodeDecodeError, TypeError
                 self._fatal(ParseError(f"bytes are not a valid MessagePack frame ({type(exc).__name__}); closing"))
                 return
-            end = self.unpacker.tell()
+            end = self._base + self.unpacker.tell()
             size, self.frame_start = end - self.frame_start, end
-            if size > limit:
+            if size > self._frame_limit():
                 self._fatal(self._too_large())
                 return
             try:
@@ -333,9 +410,12 @@ class RpcConnection(asyncio.Protocol):
                 self._finish(msgid, self._auth(params), None)
                 self.observer.observe(method, time.perf_counter() - t0, None)
                 return
-            if auth is not None and auth.enforced and method in self.methods \
-                    and not auth.permitted(self.role, method):
-                raise self._not_permitted(method)
+            if auth is not None and auth.enforced:
+                if method in self.methods:
+                    if not auth.permitted(self.role, method):
+                        raise self._not_permitted(method)
+                elif self.role is None and isinstance(method, str):   # the method list only for a role
+                    raise MethodNotFound(f"unknown method {method[:64]!r} (auth {{token}} first for the list)")
             handler, is_async = self.methods.lookup(method)
             p = params_map(params)
             if not is_async:
@@ -355,7 +435,7 @@ class RpcConnection(asyncio.Protocol):
             if isinstance(exc, AuthenticationFailed) and auth is not None \
                     and self.auth_failures >= auth.max_failures:
                 self.server.note_closed("auth_failures")
-                self._fatal(AuthenticationFailed(f"{self.auth_failures} failed auth attempts; closing"))
+                self._fatal(AuthenticationFailed(f"{self.auth_failures} failed auth attempts; closing"), quiet=True)
             return
         except Exception as exc:  # a bug in a handler must not take the connection down
             log.exception("handler %r failed", method)
@@ -402,10 +482,7 @@ class RpcConnection(asyncio.Protocol):
         if role is None:
             self._failed_auth()
             raise AuthenticationFailed("auth: the token is not valid on this server")
-        self.role = role
-        if self._auth_timer is not None:
-            self._auth_timer.cancel()
-            self._auth_timer = None
+        self._granted(role)
         return {"role": role, "enforced": True}
 
     def _failed_auth(self) -> None:
@@ -460,12 +537,14 @@ class RpcConnection(asyncio.Protocol):
             self.transport.write(pack_response(msgid, {"code": INTERNAL_ERROR, "name": "InternalError",
                                                        "message": "reply could not be encoded"}, None))
 
-    def _fatal(self, exc: EdgeRuntimeError) -> None:
+    def _fatal(self, exc: EdgeRuntimeError, quiet: bool = False) -> None:
         """Reply with msgid nil and close: used when the byte stream cannot be trusted any more.
 
         A lingering close: send the reply and EOF, discard what the client still sends for up to
-        ``const.LINGER_SECONDS``, then close, so the client reads the error instead of a connection reset."""
-        log.info("closing connection: %s", exc)
+        ``const.LINGER_SECONDS``, then close, so the client reads the error instead of a connection reset.
+        ``quiet``: no log line of its own (the caller's ``RpcServer.note_closed`` counts it, rate-limited)."""
+        if not quiet:
+            log.info("closing connection: %s", exc)
         self.observer.count_error(exc.code)   # no request to observe: the stream itself was bad
         self._reply(None, exc.to_wire(), None)
         self.discarding = True
@@ -538,12 +617,17 @@ class RpcServer:
         """Close the connection of ``order`` that has been idle longest, never one with a request in flight: first
         one that never sent a byte (none read, none waiting in its socket: a legitimate client whose first request
         the loop has not read yet is spared), then one that never completed a request, then the least recently
-        active one."""
-        victim, best = None, 3
-        for c in order:   # tiers: 0 never sent a byte, 1 never sent a whole request, 2 idle now (oldest first)
+        active one without a role (when roles are enforced: an anonymous client cannot push out an authenticated
+        one), then the least recently active one."""
+        enforced = self.auth is not None and self.auth.enforced
+        victim, best = None, 4
+        for c in order:   # tiers: 0 never sent a byte, 1 never a whole request, 2 no role (roles enforced), 3 idle
             if c.inflight or c.reading_paused:
                 continue
-            tier = 2 if c.requested else 1 if c.fed or _bytes_waiting(c.transport) else 0
+            if c.requested:
+                tier = 2 if enforced and c.role is None else 3
+            else:
+                tier = 1 if c.fed or _bytes_waiting(c.transport) else 0
             if tier < best:
                 victim, best = c, tier
                 if tier == 0:
@@ -602,16 +686,15 @@ class RpcServer:
                     srv = await loop.create_unix_server(factory, sock=sock)
                     self.addresses.append(f"unix://{sock.getsockname()} (socket activation)")
                 else:
-                    srv = await loop.create_server(factory, sock=sock, ssl=self.ssl, backlog=const.ACCEPT_BATCH,
-                                                   ssl_handshake_timeout=self._handshake())
+                    srv = await loop.create_server(factory, sock=sock, backlog=const.ACCEPT_BATCH)
                     _deepen_backlog(srv)
                     addr = sock.getsockname()
-                    self.addresses.append(f"tcp://{addr[0]}:{addr[1]} (socket activation)")
+                    scheme = "tls" if self.ssl is not None else "tcp"
+                    self.addresses.append(f"{scheme}://{addr[0]}:{addr[1]} (socket activation)")
                 self.servers.append(srv)
             return self.addresses
         if port is not None:
-            srv = await loop.create_server(factory, host, port, reuse_address=True, ssl=self.ssl,
-                                           backlog=const.ACCEPT_BATCH, ssl_handshake_timeout=self._handshake())
+            srv = await loop.create_server(factory, host, port, reuse_address=True, backlog=const.ACCEPT_BATCH)
             _deepen_backlog(srv)
             self.servers.append(srv)
             for sock in srv.sockets:
@@ -627,9 +710,6 @@ class RpcServer:
             self.servers.append(srv)
             self.addresses.append(f"unix://{unix}")
         return self.addresses
-
-    def _handshake(self) -> float | None:
-        return const.TLS_HANDSHAKE_SECONDS if self.ssl is not None else None
 
     @property
     def tcp_port(self) -> int | None:

@@ -24,7 +24,7 @@ from edge_runtime import const
 from edge_runtime.bundle import signing
 from edge_runtime.bundle.store import publish
 from edge_runtime.client import Client, RpcError
-from edge_runtime.errors import AUTH_FAILED, NOT_PERMITTED, ConfigError
+from edge_runtime.errors import AUTH_FAILED, FRAME_TOO_LARGE, NOT_PERMITTED, ConfigError
 from edge_runtime.ops import security
 from edge_runtime.rpc.auth import OPEN, ROLE_OF, ROLES, Authenticator, read_token_file, write_token_file
 from edge_runtime.rpc.tls import client_context
@@ -33,6 +33,7 @@ from edgerec.process import PACKAGE_ROOT, free_port, start_daemon, stop_daemon
 from tls_pki import issue, make_ca
 
 PSEUDONYM = "ab" * 16
+PER_ADDRESS = 64   # the guarded node's per-address cap
 
 
 def _edgerec(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -341,7 +342,8 @@ def guarded(tmp_path_factory, tiny_bundle, tokens):
     """A node with tokens, a 1 s authentication deadline and a Unix socket whose owner's uid has the ops role."""
     d = tmp_path_factory.mktemp("guarded")
     port = free_port()
-    env = dict(os.environ, EDGEREC_AUTH_DEADLINE_SECONDS="1", EDGEREC_AUTH_UNIX_ROLES=f"{os.getuid()}=ops")
+    env = dict(os.environ, EDGEREC_AUTH_DEADLINE_SECONDS="1", EDGEREC_AUTH_UNIX_ROLES=f"{os.getuid()}=ops",
+               EDGEREC_SERVER_MAX_CONNECTIONS_PER_ADDRESS=str(PER_ADDRESS))
     proc = start_daemon(tiny_bundle, port, ["--no-discovery", "--unix", str(d / "node.sock"),
                                             *_token_flags(tokens, ("shop",))], env=env, log_path=d / "node.log")
     try:
@@ -433,7 +435,7 @@ def test_idle_flood_from_one_address_locks_nobody_out(guarded, tokens):
     with Client(unix=guarded["unix"], timeout=10) as c:
         stats = c.call("stats")
     closed = {r["reason"]: r["value"] for r in stats["edgerec_connections_closed"]}
-    assert closed.get("address_cap", 0) >= 5000 - const.MAX_CONNECTIONS_PER_ADDRESS - 50
+    assert closed.get("address_cap", 0) >= 5000 - PER_ADDRESS - 50
     assert closed.get("refused", 0) == 0
     assert guarded["proc"].poll() is None
 
@@ -458,6 +460,64 @@ def test_flood_of_partial_frames_spares_the_kept_connection(guarded, tokens):
         for s in flood:
             s.close()
         keeper.close()
+
+
+def test_anonymous_requests_do_not_push_out_an_authenticated_connection(guarded, tokens):
+    """Connections that complete requests (health) without a role are closed before an authenticated idle one."""
+    port = guarded["port"]
+    keeper = Client("127.0.0.1", port, timeout=5, token=_token(tokens["shop"]))
+    keeper.call("health")
+    time.sleep(0.2)
+    anon = []
+    try:
+        for _ in range(3 * PER_ADDRESS):
+            c = Client("127.0.0.1", port, timeout=5)
+            c.call("health")
+            anon.append(c)
+        assert keeper.call("recommend", history=["1"], k=1)["items"]
+    finally:
+        for c in anon:
+            c.close()
+        keeper.close()
+
+
+def test_anonymous_frames_are_small(guarded, tokens):
+    """Before authenticating, a frame over 64 KiB closes the connection; after, the full 1 MiB applies."""
+    big = {"history": ["1"], "k": 1, "filters": {"exclude": [f"{i:0100d}" for i in range(1000)]}}   # ~100 KB
+    with socket.create_connection(("127.0.0.1", guarded["port"]), timeout=5) as s:
+        s.sendall(msgpack.packb([0, 1, "recommend", [big]]))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    err = _unpack(data)[0][2]
+    assert err["code"] == FRAME_TOO_LARGE and "before authenticating" in err["message"]
+    with Client("127.0.0.1", guarded["port"], timeout=5, token=_token(tokens["shop"])) as c:
+        assert len(c.call("recommend", **big)["items"]) == 1
+
+
+def test_registry_rotates_tokens_on_sighup(tmp_path, tokens):
+    conf = tmp_path / "registry.toml"
+    extra = tmp_path / "extra.token"
+    write_token_file(extra)
+    conf.write_text(f'[auth]\ntoken_files = ["peer={tokens["peer"]}"]\n')
+    port = free_port()
+    reg = start_daemon(None, port, ["--bundles", str(tmp_path / "reg"), "--no-discovery", "--config", str(conf)],
+                       command="registry", log_path=tmp_path / "registry.log")
+    try:
+        assert _call(port, "peer", tokens, "versions", {})[1] is None
+        conf.write_text(f'[auth]\ntoken_files = ["peer={extra}"]\n')
+        reg.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "token(s) in force" not in (tmp_path / "registry.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reg.poll() is None   # SIGHUP does not kill the registry
+        with pytest.raises(RpcError) as err:
+            _call(port, "peer", tokens, "versions", {})
+        assert err.value.code == AUTH_FAILED
+        with Client("127.0.0.1", port, timeout=10, token=_token(extra)) as c:
+            assert c.call("versions") == [] or isinstance(c.call("versions"), list)
+    finally:
+        stop_daemon(reg)
 
 
 # ------------------------------------------------------------------------------------------------------------ TLS
@@ -497,6 +557,17 @@ def test_tls_tokens_and_mutual_tls_between_node_and_registry(tmp_path, tiny_bund
             raise AssertionError("the node did not sync over mutual TLS")
         with Client("127.0.0.1", nport, timeout=5, ssl=ctx, token=_token(tokens["shop"])) as c:
             assert len(c.call("recommend", history=["1", "2"], k=5)["items"]) == 5
+        # connections that never start their handshake count against the caps like any other
+        raw = [socket.create_connection(("127.0.0.1", nport), timeout=5) for _ in range(600)]
+        try:
+            t0 = time.monotonic()
+            with Client("127.0.0.1", nport, timeout=2, ssl=ctx, token=_token(tokens["shop"])) as c:
+                assert c.call("health")["status"] == "ok"
+            assert time.monotonic() - t0 < 1.0
+            assert len(os.listdir(f"/proc/{node.pid}/fd")) < const.MAX_CONNECTIONS_PER_ADDRESS + 100
+        finally:
+            for r in raw:
+                r.close()
         # plain TCP to a TLS port: no answer, a closed connection
         with pytest.raises(OSError):
             with Client("127.0.0.1", nport, timeout=5) as c:
@@ -563,6 +634,14 @@ def test_tokens_rotate_on_sighup(tmp_path, tiny_bundle):
             conf.write_text("[server]\nport = 'x'\n")
             with pytest.raises(RpcError, match="config rejected"):   # a rejected reload says so, and keeps all
                 c.call("reload")
+            conf.write_text("")   # no token left: authentication would be off; refused, the tokens stay
+            with pytest.raises(RpcError, match="open every method"):
+                c.call("reload")
+            new.chmod(0o644)     # an unreadable token file: refused, the tokens stay
+            configure(new)
+            with pytest.raises(RpcError, match="readable by group or others"):
+                c.call("reload")
+            new.chmod(0o600)
         assert not works(old) and works(new)
         assert kept.call("recommend", history=["1"], k=1)["items"]   # connections keep the role they have
         kept.close()
