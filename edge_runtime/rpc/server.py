@@ -146,8 +146,11 @@ class RpcConnection(asyncio.Protocol):
             self.transport.close()
             self.server.forget(self)
             return
-        if self.closed:   # closed (evicted, idle) while the handshake ran
-            tls.close()
+        if tls is None or self.closed:   # closed (evicted, idle) while the handshake ran
+            if tls is not None:
+                tls.close()
+            self.closed = True
+            self.server.forget(self)
             return
         self.transport = tls
         self.handshaking = False
