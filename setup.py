@@ -76,6 +76,8 @@ setup(
         "python-json-logger>=3.1",
         "tomli>=1.1; python_version < '3.11'",
         "threadpoolctl>=3.1",
+        # the daemon's event loop where it installs (edge_runtime/ops/daemon.py; asyncio's own loop elsewhere)
+        "uvloop>=0.19; sys_platform == 'linux'",
     ],
     extras_require={
         # torch is pinned exactly: the CPU build of 2.13.0 is what edge build machines here carry.

@@ -1,14 +1,24 @@
-"""Where a request's time goes: socket round trips of ``recommend`` / ``track`` beside the encoder and scan alone.
+"""Where a request's time goes: socket round trips of ``recommend`` / ``track`` beside the encoder and scan alone,
+and beside the floor: a bare asyncio MessagePack-RPC server answering a fixed reply of the same size.
 
 Starts ``edgerec serve`` on a bundle (loopback, a free port), then drives it with 1 and with 8 concurrent
 MessagePack-RPC clients (asyncio, one connection each, one request in flight per connection). ``recommend`` calls
 carry real Beauty shoppers' histories (the leave-one-out test contexts of the embedded data), so the encoder sees
-real session lengths. In the same run, in this process, it times the ONNX encoder call alone and the exact top-k
-scan alone (int8 and fp32) on the same contexts. Bounded: ``--requests`` per case and ``--max-seconds`` per case.
+real session lengths. In the same run:
+
+* in this process, the ONNX encoder call alone and the exact top-k scan alone (int8 and fp32), same contexts;
+* the floor: ``--serve-floor`` (this file, as a subprocess: asyncio's default loop, and uvloop where installed)
+  answers every request with a fixed reply as large as the daemon's ``recommend`` reply, driven by the same
+  clients: what a Python socket server costs before it does any work;
+* the daemon's CPU time per request (user + system ticks from ``/proc/<pid>/stat`` before and after a case,
+  divided by the requests answered), which the load generator on the same cores does not blur.
+
+Bounded: ``--requests`` per case and ``--max-seconds`` per case.
 
     python bench/bench_latency.py --bundle DIR [--requests 2000] [--out bench/results/latency.json]
 
-Prints p50 / p99 (µs) and requests/s per case and writes JSON.
+Prints the CPU model and SIMD level, p50 / p99 (µs), requests/s and CPU µs per request per case, and the issue-16
+targets beside the measured figures, and writes JSON.
 """
 from __future__ import annotations
 
@@ -27,7 +37,59 @@ import numpy as np
 from edge_runtime import scoring
 from edge_runtime.serving.memory import limit_blas_threads
 from edge_runtime.serving.model import Model
-from edgerec.process import free_port, start_daemon, stop_daemon
+from edgerec.process import PACKAGE_ROOT, free_port, start_daemon, stop_daemon
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_events import cpu_name as cpu_model  # noqa: E402  (the CPU line every benchmark prints)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (``/proc/<pid>/stat`` fields 14 and 15), all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# ------------------------------------------------------------------------------------------------ the floor
+def serve_floor(port: int, reply_hex: str, use_uvloop: bool) -> None:
+    """A bare MessagePack-RPC server: every request ``[0, msgid, method, params]`` gets ``[1, msgid, nil, R]``
+    with the fixed pre-encoded result R; nothing else (no validation, no dispatch table, no metrics)."""
+    result = bytes.fromhex(reply_hex)
+
+    class Floor(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.unpacker = msgpack.Unpacker(raw=False)
+
+        def data_received(self, data):
+            self.unpacker.feed(data)
+            for msg in self.unpacker:
+                self.transport.write(b"\x94\x01" + msgpack.packb(msg[1]) + b"\xc0" + result)
+
+    async def main():
+        srv = await asyncio.get_running_loop().create_server(Floor, "127.0.0.1", port)
+        print("ready", flush=True)
+        async with srv:
+            await srv.serve_forever()
+
+    if use_uvloop:
+        import uvloop
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def start_floor(reply: dict, use_uvloop: bool):
+    import subprocess
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-floor", str(port), msgpack.packb(reply).hex()]
+                            + (["--uvloop"] if use_uvloop else []), stdout=subprocess.PIPE, text=True,
+                            cwd=PACKAGE_ROOT)
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError("the floor server did not start")
+    return proc, port
 
 
 def load_contexts(model: Model, n: int, seed: int = 0) -> list[list[str]]:
@@ -77,13 +139,18 @@ async def _client(port: int, requests: list[tuple[str, dict]], lat: list[float],
         writer.close()
 
 
-async def drive(port: int, clients: int, requests: list[tuple[str, dict]], max_seconds: float) -> dict:
+async def drive(port: int, clients: int, requests: list[tuple[str, dict]], max_seconds: float,
+                pid: int | None = None) -> dict:
     lat: list[float] = []
     per = [requests[i::clients] for i in range(clients)]
+    cpu0 = cpu_seconds(pid) if pid else None
     t0 = time.perf_counter()
     await asyncio.gather(*(_client(port, r, lat, t0 + max_seconds) for r in per))
     wall = time.perf_counter() - t0
-    return {**pct(lat), "clients": clients, "requests_per_s": len(lat) / wall}
+    out = {**pct(lat), "clients": clients, "requests_per_s": len(lat) / wall}
+    if pid:
+        out["server_cpu_us_per_request"] = (cpu_seconds(pid) - cpu0) * 1e6 / max(1, len(lat))
+    return out
 
 
 def time_calls(fn, args_list, repeat: int = 1) -> dict:
@@ -102,6 +169,12 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=2000, help="requests per socket case")
     ap.add_argument("--max-seconds", type=float, default=30.0, help="time bound per socket case")
     ap.add_argument("--out", default="bench/results/latency.json")
+    ap.add_argument("--serve-floor", nargs=2, metavar=("PORT", "REPLY_HEX"), help=argparse.SUPPRESS)
+    ap.add_argument("--uvloop", action="store_true", help=argparse.SUPPRESS)
+    if argv is None and "--serve-floor" in sys.argv:
+        i = sys.argv.index("--serve-floor")
+        serve_floor(int(sys.argv[i + 1]), sys.argv[i + 2], "--uvloop" in sys.argv)
+        return 0
     args = ap.parse_args(argv)
     limit_blas_threads(1)  # as the daemon does
 
@@ -109,7 +182,8 @@ def main(argv=None) -> int:
     model32 = Model(args.bundle, precision="fp32")
     contexts = load_contexts(model, args.requests)
     results: dict = {"bundle": args.bundle, "model_version": model.version, "num_items": model.num_items,
-                     "dim": model.dim, "scoring": scoring.IMPLEMENTATION, "machine": platform.machine(),
+                     "dim": model.dim, "scoring": scoring.IMPLEMENTATION, "simd_level": scoring.simd_level(),
+                     "cpu": cpu_model(), "machine": platform.machine(),
                      "cpus": os.cpu_count(), "python": platform.python_version(),
                      "avg_context_len": float(np.mean([len(c) for c in contexts]))}
 
@@ -124,28 +198,67 @@ def main(argv=None) -> int:
 
     port = free_port()
     proc = start_daemon(args.bundle, port)
+    rec = [("recommend", {"history": c, "k": 10}) for c in contexts]
     try:
-        rec = [("recommend", {"history": c, "k": 10}) for c in contexts]
+        from edge_runtime.client import Client
+        with Client("127.0.0.1", port) as c:
+            sample = c.call("recommend", history=contexts[0], k=10)
         trk = [("track", {"user": f"bench-{i % 500}", "item": c[-1], "event": "view"})
                for i, c in enumerate(contexts)]
         for clients in (1, 8):
-            results[f"socket_recommend_c{clients}"] = asyncio.run(drive(port, clients, rec, args.max_seconds))
-            results[f"socket_track_c{clients}"] = asyncio.run(drive(port, clients, trk, args.max_seconds))
+            results[f"socket_recommend_c{clients}"] = asyncio.run(drive(port, clients, rec, args.max_seconds,
+                                                                        proc.pid))
+            results[f"socket_track_c{clients}"] = asyncio.run(drive(port, clients, trk, args.max_seconds, proc.pid))
     finally:
         code = stop_daemon(proc)
     results["daemon_exit"] = code
+    results["reply_bytes"] = len(msgpack.packb(sample))
+    loops = [("floor", False)]
+    try:
+        import uvloop  # noqa: F401
+        loops.append(("floor_uvloop", True))
+    except ImportError:
+        pass
+    for name, use_uvloop in loops:
+        fproc, fport = start_floor(sample, use_uvloop)
+        try:
+            for clients in (1, 8):
+                results[f"{name}_c{clients}"] = asyncio.run(drive(fport, clients, rec, args.max_seconds, fproc.pid))
+        finally:
+            fproc.kill()
+            fproc.wait()
 
     print(f"bundle {model.version}: {model.num_items} items, d={model.dim}, scoring={scoring.IMPLEMENTATION}, "
           f"{os.cpu_count()} CPUs, avg context {results['avg_context_len']:.1f} items")
-    print(f"{'case':<28}{'p50 µs':>10}{'p99 µs':>10}{'req/s':>10}")
+    print(f"CPU {results['cpu']}, SIMD level {results['simd_level']}; reply {results['reply_bytes']} bytes")
+    print(f"{'case':<28}{'p50 µs':>10}{'p99 µs':>10}{'req/s':>10}{'CPU µs/req':>12}")
     for key, r in results.items():
         if isinstance(r, dict) and "p50_us" in r:
             rps = f"{r['requests_per_s']:10.0f}" if "requests_per_s" in r else f"{'':>10}"
-            print(f"{key:<28}{r['p50_us']:10.1f}{r['p99_us']:10.1f}{rps}")
+            cpu = f"{r['server_cpu_us_per_request']:12.1f}" if "server_cpu_us_per_request" in r else ""
+            print(f"{key:<28}{r['p50_us']:10.1f}{r['p99_us']:10.1f}{rps}{cpu}")
+    results["targets"] = targets(results)
+    for t in results["targets"]:
+        print(f"  {'PASS' if t['ok'] else 'FAIL'}  {t['what']}: {t['measured']:.1f} vs {t['bound']:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"saved {args.out}")
     return 0 if code == 0 else 1
+
+
+def targets(r: dict) -> list[dict]:
+    """Issue 16's acceptance, from the figures of this run (int8 encoder and scan; the floor on asyncio's loop)."""
+    enc, scan = r["encoder_int8"]["p50_us"], r["scan_int8"]["p50_us"]
+    rec1, rec8 = r["socket_recommend_c1"], r["socket_recommend_c8"]
+    floor1, floor8 = r["floor_c1"], r["floor_c8"]
+    return [
+        {"what": "recommend 1 client p50 <= floor + encoder + scan + 100 µs", "measured": rec1["p50_us"],
+         "bound": floor1["p50_us"] + enc + scan + 100, "ok": rec1["p50_us"] <= floor1["p50_us"] + enc + scan + 100},
+        {"what": "recommend 8 clients req/s >= 15 % of the floor's", "measured": rec8["requests_per_s"],
+         "bound": 0.15 * floor8["requests_per_s"], "ok": rec8["requests_per_s"] >= 0.15 * floor8["requests_per_s"]},
+        {"what": "daemon CPU per recommend <= encoder + scan + 60 µs", "measured": rec1["server_cpu_us_per_request"],
+         "bound": enc + scan + 60, "ok": rec1["server_cpu_us_per_request"] <= enc + scan + 60},
+    ]
 
 
 if __name__ == "__main__":

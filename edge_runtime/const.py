@@ -65,6 +65,10 @@ SECURITY_LOG_SECONDS = 10.0   # s between log lines about a repeated bound (a fl
 # ------------------------------------------------------------------------------------------------ serving/ (requests)
 # Larger k is not a recommendation any more but a catalog dump; the scan cost is the same, the reply is not.
 MAX_K = 1000
+# A request whose scoring (encoder + scan, Model.score_us, measured at load) takes at most this long is scored on
+# the event loop: the hop to a scoring thread and back (two wake-ups, a future, a self-pipe write) cost more than
+# it saved there (bench/bench_latency.py). Longer scans go to the scoring threads, where concurrent ones overlap.
+INLINE_SCORE_US = 300.0      # µs
 # History ids sent inline in a recommend call (also: ids in filters.exclude); the encoder reads only the last
 # max_len (50) anyway.
 MAX_HISTORY_IDS = 1000

@@ -353,7 +353,7 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
             if discovery is not None:
                 await discovery.close()
 
-    return run_listening(main)
+    return run_listening(main, tls=guard.tls is not None)
 
 
 def run_registry(bundles: str | os.PathLike, host: str, port: int, discovery: bool = True,
@@ -417,7 +417,7 @@ def run_registry(bundles: str | os.PathLike, host: str, port: int, discovery: bo
             if collector is not None:
                 collector.close()
 
-    return run_listening(main)
+    return run_listening(main, tls=guard.tls is not None)
 
 
 

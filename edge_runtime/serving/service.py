@@ -47,6 +47,7 @@ import msgpack
 import numpy as np
 
 from .. import const, scoring
+from ..config import env_value
 from ..events.statefile import write_atomic
 from ..errors import EdgeRuntimeError, InvalidParams, ModelNotLoadedError, SwapError
 from ..events.analytics import Analytics
@@ -172,6 +173,8 @@ class Service:
         self.events = events
         self.key = pseudonym or (lambda user: user)
         self.analytics = Analytics(EVENTS)
+        mode = (env_value("SCORE_INLINE") or "auto").strip().lower()
+        self.score_inline = mode if mode in ("auto", "always", "never") else "auto"
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(const.SCORING_THREADS,
                                                                           thread_name_prefix="score")
         self.sessions = SessionStore(max_sessions, session_events)
@@ -202,7 +205,7 @@ class Service:
         self._items_lock: asyncio.Lock | None = None
         logged = events is not None   # the logged handlers return a future: the reply waits for the commit
         self.methods = MethodTable({
-            "recommend": (self.recommend, True),
+            "recommend": (self.recommend_now, False),
             "track": (self.track_logged if logged else self.track, False),
             "track_batch": (self.track_batch_logged if logged else self.track_batch, False),
             "add_items": (self.add_items, True),
@@ -277,6 +280,17 @@ class Service:
         return categories, exclude
 
     async def recommend(self, p: dict) -> dict:
+        """``recommend`` awaited (the swap path's check, tests); the RPC table calls ``recommend_now``."""
+        r = self.recommend_now(p)
+        return (await r) if isinstance(r, asyncio.Future) else r
+
+    def recommend_now(self, p: dict) -> dict | asyncio.Future:
+        """The ``recommend`` handler: the reply, or a future of it when the scoring runs on a scoring thread.
+
+        Where a request is scored: on the event loop when the served model's measured scoring cost
+        (``Model.score_us``: encoder + scan) is at most ``const.INLINE_SCORE_US`` (the hop to a thread and back
+        costs more than it saves there; ``EDGEREC_SCORE_INLINE=always|never`` overrides), else on a scoring thread
+        (the encoder and the scan release the GIL, so long scans of concurrent requests overlap)."""
         check_keys(p, ("user", "history", "k", "exclude_seen", "filters"), (), "recommend")
         user = as_id(p["user"], "user") if p.get("user") is not None else None
         history = as_id_list(p["history"], "history", const.MAX_HISTORY_IDS) if p.get("history") is not None else None
@@ -304,18 +318,42 @@ class Service:
             excl_rows = excl_rows + rows
         if model.num_added:   # added items have no row in the encoder's table: excluded when seen, not encoded
             rows = [r for r in rows if r < model.bundle_items]
-        stock_bits = self._stock_bits
-        loop = asyncio.get_running_loop()
-        ids, scores = await loop.run_in_executor(self.executor, self._score, model, rows, k, excl_rows, categories,
-                                                 stock_bits)
-        result = {"items": [model.item_ids[i] for i in ids], "scores": scores.tolist(),
-                  "model_version": model.version, "ignored": ignored,
-                  "source": "model" if rows else "popularity"}
+        args = (model, rows, k, excl_rows, categories, self._stock_bits)
+        finish = (model, bool(rows), ignored, user, cache_key, session.version if session else 0)
+        if self._inline(model):
+            return self._result(self._score(*args), *finish)
+        out = asyncio.get_running_loop().create_future()
+
+        def scored(f: asyncio.Future) -> None:
+            if out.done():   # the request was cancelled (shutdown)
+                return
+            exc = f.exception()
+            if exc is not None:
+                settle(out, None, exc)
+                return
+            try:
+                settle(out, self._result(f.result(), *finish), None)
+            except Exception as e:   # noqa: BLE001 - reported to the client as the request's error
+                settle(out, None, e)
+
+        asyncio.get_running_loop().run_in_executor(self.executor, self._score, *args).add_done_callback(scored)
+        return out
+
+    def _inline(self, model: Model) -> bool:
+        mode = self.score_inline
+        return mode == "always" or (mode == "auto" and getattr(model, "score_us", 1e9) <= const.INLINE_SCORE_US)
+
+    def _result(self, scored: tuple, model: Model, known: bool, ignored: list[str], user: str | None,
+                cache_key: bytes | None, session_version: int) -> dict:
+        ids, scores = scored
+        names = model.item_ids
+        result = {"items": [names[i] for i in ids.tolist()], "scores": scores.tolist(),
+                  "model_version": model.version, "ignored": ignored, "source": "model" if known else "popularity"}
         # add_items keeps the version but clears the cache: a result scored on the model before it is not cached
         if cache_key is not None and self.model is model:
             # Only cache if no event arrived for this user while scoring ran.
             now = self.sessions.get(user)
-            if (now.version if now else 0) == (session.version if session else 0):
+            if (now.version if now else 0) == session_version:
                 self.cache.put(user, cache_key, now.version if now else 0, model.version, result)
         return result
 
@@ -570,8 +608,9 @@ class Service:
         excl = np.asarray(exclude, dtype=np.int64) if exclude else None
         if rows:
             u = model.encode(rows)
-            return scoring.topk(u, model.items, k, item_scales=model.scales, exclude=excl, allow=allow)
-        return scoring.topk(_ONE, model.popularity_column, k, exclude=excl, allow=allow)
+            return scoring.topk(u, model.items, k, item_scales=model.scales, exclude=excl, allow=allow,
+                                items_checked=True)   # checked once, at load
+        return scoring.topk(_ONE, model.popularity_column, k, exclude=excl, allow=allow, items_checked=True)
 
     def model_info(self, p: dict) -> dict:
         check_keys(p, (), (), "model_info")
