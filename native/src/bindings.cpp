@@ -28,15 +28,20 @@ void require(bool ok, const std::string& msg) {
     if (!ok) throw std::invalid_argument(msg);
 }
 
+// The messages are built only when a check fails: this runs on every scan call (several arrays each), and
+// formatting a dtype name costs more than the checks themselves.
 template <typename T>
 void check_array(const py::array& a, const char* name, int ndim) {
-    require(py::isinstance<py::array_t<T>>(a) && a.dtype().is(py::dtype::of<T>()),
-            std::string(name) + " has the wrong dtype (" + std::string(py::str(a.dtype())) + "); convert with " +
-                "np.ascontiguousarray(x, dtype=np." + std::string(py::str(py::dtype::of<T>())) + ")");
-    require(a.ndim() == ndim, std::string(name) + " must have " + std::to_string(ndim) + " dimension(s), got " +
-                                  std::to_string(a.ndim()));
-    require(a.flags() & py::array::c_style,
-            std::string(name) + " must be C-contiguous; pass np.ascontiguousarray(" + name + ")");
+    if (!(py::isinstance<py::array_t<T>>(a) && a.dtype().is(py::dtype::of<T>())))
+        throw std::invalid_argument(std::string(name) + " has the wrong dtype (" + std::string(py::str(a.dtype())) +
+                                    "); convert with np.ascontiguousarray(x, dtype=np." +
+                                    std::string(py::str(py::dtype::of<T>())) + ")");
+    if (a.ndim() != ndim)
+        throw std::invalid_argument(std::string(name) + " must have " + std::to_string(ndim) +
+                                    " dimension(s), got " + std::to_string(a.ndim()));
+    if (!(a.flags() & py::array::c_style))
+        throw std::invalid_argument(std::string(name) + " must be C-contiguous; pass np.ascontiguousarray(" +
+                                    name + ")");
 }
 
 py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, int d_packed, std::int64_t k,
@@ -196,7 +201,7 @@ double stream_sum(py::array_t<float, py::array::c_style> a) {
 PYBIND11_MODULE(_native, m) {
     m.doc() = "edgerec native exact top-k (MIPS) kernel with runtime SIMD dispatch";
     m.def("simd_level", [] { return std::string(edgerec::active().name); },
-          "Name of the SIMD level in use: avx512_vnni, avx512, avx2, neon or scalar.");
+          "Name of the SIMD level in use: avx512_vnni, avx512, avx2, neon_dotprod, neon or scalar.");
     m.def("simd_note", [] { std::string n; edgerec::active(&n); return n; },
           "Why an EDGEREC_SIMD request was not honoured ('' if it was, or none was made).");
     m.def("available_levels", &edgerec::available_levels, "Levels this build has and this CPU/OS supports.");

@@ -7,6 +7,13 @@
 #include <cstring>
 #include <string>
 
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)  // the ARMv8.2 dot-product instructions (asm/hwcap.h)
+#endif
+#endif
+
 namespace edgerec {
 
 #define EDGEREC_DECLARE(ns)                                                                   \
@@ -24,6 +31,9 @@ EDGEREC_DECLARE(avx512_vnni)
 #endif
 #if defined(__aarch64__)
 EDGEREC_DECLARE(neon)
+#ifdef EDGEREC_HAVE_DOTPROD
+EDGEREC_DECLARE(neon_dotprod)
+#endif
 #endif
 
 namespace {
@@ -53,6 +63,19 @@ bool has_avx512() {
 bool has_avx512_vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
 #endif
 #endif
+#if defined(__aarch64__) && defined(EDGEREC_HAVE_DOTPROD)
+// SDOT / UDOT (ARMv8.2 FEAT_DotProd: Cortex-A55 / A76 and later, Neoverse, Apple M1; not the Raspberry Pi 4's
+// Cortex-A72), as the kernel reports it to user space.
+bool has_dotprod() {
+#if defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+    return true;  // every Apple AArch64 CPU has it
+#else
+    return false;
+#endif
+}
+#endif
 bool always() { return true; }
 
 // Priority order: best first; scalar is always last and always available.
@@ -65,6 +88,9 @@ const Impl kImpls[] = {
     {"avx2", avx2::scan, avx2::stream_sum, has_avx2},
 #endif
 #if defined(__aarch64__)
+#ifdef EDGEREC_HAVE_DOTPROD
+    {"neon_dotprod", neon_dotprod::scan, neon_dotprod::stream_sum, has_dotprod},
+#endif
     {"neon", neon::scan, neon::stream_sum, always},  // NEON is mandatory on AArch64
 #endif
     {"scalar", scalar::scan, scalar::stream_sum, always},

@@ -1,9 +1,13 @@
 // C++ check of every compiled SIMD level against the scalar build, with no Python involved (used to run the NEON
-// build under qemu-user on an x86-64 machine). Integer-valued data keeps every sum exact, so results must be
-// bit-identical. Exit status 0 = all levels agree.
+// builds under qemu-user on an x86-64 machine). Integer-valued data keeps every sum exact, so results must be
+// bit-identical. Each case runs twice: int8 values over the whole range [-128, 127], then only the extremes
+// {-128, -127, 127} (the largest pair sums of the AVX2 16-bit multiplies, and the -128 queries that take its
+// "widen" path). Exit status 0 = all levels agree (and, with EDGEREC_EXPECT_LEVEL=NAME, the run-time dispatch
+// picked NAME on this CPU).
 //   cmake -S . -B build -DEDGEREC_BUILD_TESTS=ON && cmake --build build && build/test_kernel
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -33,21 +37,35 @@ static bool same(const std::vector<Heap>& x, const std::vector<Heap>& y) {
 
 int main() {
     const Impl* ref = find_impl("scalar");
-    std::mt19937 rng(42);
-    std::uniform_int_distribution<int> small(-8, 8), byte(-127, 127), scale(1, 63);
+    std::string note;
+    const std::string picked = active(&note).name;
+    std::printf("run-time dispatch picks %s%s%s\n", picked.c_str(), note.empty() ? "" : ": ", note.c_str());
     int failures = 0, checks = 0;
+    if (const char* want = std::getenv("EDGEREC_EXPECT_LEVEL")) {
+        if (picked != want) {
+            std::printf("FAIL: expected the dispatch to pick %s on this CPU\n", want);
+            ++failures;
+        }
+    }
+    std::mt19937 rng(42);
+    std::uniform_int_distribution<int> small(-8, 8), byte(-128, 127), scale(1, 63), pick(0, 2);
+    const std::int8_t extremes[3] = {-128, -127, 127};
     for (const std::string& level : compiled_levels()) {
         const Impl* impl = find_impl(level);
         if (!impl->supported()) { std::printf("skip %s (not supported here)\n", level.c_str()); continue; }
         for (long long n : {1LL, 15LL, 17LL, 64LL, 65LL, 1000LL}) {
             for (int d : {1, 3, 17, 64, 100, 257}) {
-                for (int nq : {1, 5, 9, 33}) {
+                for (int nq : {1, 2, 5, 9, 33}) {
+                  for (int extreme = 0; extreme < 2; ++extreme) {
                     std::vector<float> xf(n * d), qf(nq * d), scales(n), qscales(nq);
                     std::vector<std::int8_t> x8(n * d), q8(nq * d);
                     for (auto& v : xf) v = static_cast<float>(small(rng));
                     for (auto& v : qf) v = static_cast<float>(small(rng));
-                    for (auto& v : x8) v = static_cast<std::int8_t>(byte(rng));
-                    for (auto& v : q8) v = static_cast<std::int8_t>(byte(rng));
+                    for (auto& v : x8) v = extreme ? extremes[pick(rng)] : static_cast<std::int8_t>(byte(rng));
+                    for (auto& v : q8) v = extreme ? extremes[pick(rng)] : static_cast<std::int8_t>(byte(rng));
+                    if (!extreme && nq > 1) q8[d / 2] = -128;  // query 0 takes a -128 path, the others may not
+                    if (!extreme) for (int j = 0; j < d; ++j) q8[(nq - 1) * d + j] = static_cast<std::int8_t>(
+                        std::max(-127, static_cast<int>(q8[(nq - 1) * d + j])));  // the last query holds none
                     for (auto& v : scales) v = scale(rng) / 64.0f;
                     for (auto& v : qscales) v = scale(rng) / 64.0f;
                     std::vector<std::uint8_t> packed(((n + kTileRows - 1) / kTileRows) * packed_tile_bytes(d));
@@ -70,9 +88,11 @@ int main() {
                         ++checks;
                         if (!same(run(*impl, a, k), run(*ref, a, k))) {
                             ++failures;
-                            std::printf("MISMATCH level=%s mode=%d n=%lld d=%d nq=%d\n", level.c_str(), mode, n, d, nq);
+                            std::printf("MISMATCH level=%s mode=%d n=%lld d=%d nq=%d extreme=%d\n", level.c_str(), mode,
+                                        n, d, nq, extreme);
                         }
                     }
+                  }
                 }
             }
         }

@@ -242,6 +242,32 @@ def test_int8_extremes_exact_in_batches(backend):
     assert ids[0, 0] == 7 and sc[0, 0] == 128 * 128 * 1024
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nq", [1, 2, 3])
+@pytest.mark.parametrize("d", [7, 64, 100])
+def test_int8_queries_with_minus_128_exact(backend, nq, d):
+    """Single and few int8 queries (below every batch threshold) over the whole int8 range: -128 in queries and
+    items, and queries of only -128 / 127 extremes (the largest 16-bit pair sums of the AVX2 path, and the queries
+    that its sign trick cannot take). Row-major and packed items, exact against the reference."""
+    rng = np.random.default_rng(nq * 1000 + d)
+    n = 1000
+    items = rng.integers(-128, 128, (n, d)).astype(np.int8)
+    items[::7] = rng.choice(np.array([-128, 127], np.int8), (len(items[::7]), d))
+    for q in (rng.integers(-128, 128, (nq, d)).astype(np.int8),
+              rng.choice(np.array([-128, -127, 127], np.int8), (nq, d)),
+              np.clip(rng.integers(-128, 128, (nq, d)), -127, 127).astype(np.int8)):
+        kw = {"item_scales": (rng.integers(1, 64, n) / 64).astype(np.float32),
+              "query_scales": (rng.integers(1, 64, nq) / 64).astype(np.float32)}
+        rid, rsc = reference(q, items, 10, **kw)
+        ids, sc = scoring.topk(q, items, 10, backend=backend, **kw)
+        np.testing.assert_array_equal(ids, rid)
+        np.testing.assert_array_equal(sc, rsc)
+        packed = scoring.pack_int8(items, kw["item_scales"])
+        ids, sc = scoring.topk(q, packed, 10, query_scales=kw["query_scales"], backend=backend)
+        np.testing.assert_array_equal(ids, rid)
+        np.testing.assert_array_equal(sc, rsc)
+
+
 @pytest.mark.skipif("native" not in BACKENDS, reason="native kernel not built")
 def test_native_releases_the_gil():
     rng = np.random.default_rng(0)
