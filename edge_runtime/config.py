@@ -77,10 +77,16 @@ def _rng(lo, hi=None):
 KEYS: tuple[Key, ...] = (
     Key("model", "bundle", str, "", None, "a bundle directory path ('' = none: take it from --state-dir)"),
     Key("model", "precision", str, "int8", lambda v: v in ("int8", "fp32"), "'int8' or 'fp32'"),
+    Key("model", "providers", list, ["CPUExecutionProvider"], lambda v: len(v) > 0 and all(v),
+        "a non-empty list of ONNX Runtime execution provider names, most preferred first (e.g. "
+        "['CUDAExecutionProvider', 'CPUExecutionProvider']; names this onnxruntime build lacks are skipped)"),
     Key("server", "host", str, const.DEFAULT_HOST, lambda v: bool(v), "an address to bind"),
     Key("server", "port", int, const.DEFAULT_PORT, _rng(-1, 65535), "an integer in -1..65535 (-1: no TCP)"),
     Key("server", "unix", str, "", None, "a socket path ('' = none)"),
     Key("server", "threads", int, const.SCORING_THREADS, _rng(1, 256), "an integer in 1..256"),
+    Key("server", "batch_wait_us", float, const.BATCH_WAIT_US, _rng(0, 10_000),
+        "µs in 0..10000 (how long a batch of concurrent recommend requests waits for more; 0: no wait)"),
+    Key("server", "batch_max", int, const.BATCH_MAX_REQUESTS, _rng(1, 1024), "an integer in 1..1024"),
     Key("server", "drain_seconds", float, const.DRAIN_SECONDS, _rng(0, 3600), "seconds in 0..3600"),
     Key("server", "stalled_frame_seconds", float, const.STALLED_FRAME_SECONDS, _rng(0.1, 3600),
         "seconds in 0.1..3600"),

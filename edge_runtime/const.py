@@ -92,6 +92,12 @@ MAX_OUT_OF_STOCK = 1_000_000
 # Event timestamps above this (unix s, year 2286) are rejected as garbage.
 MAX_TS = 1e10                # s
 SCORING_THREADS = 2          # threads that run encoder + scan; both release the GIL
+# Batches of concurrent recommend requests (serving/batch.py): requests per batch at most, and the most results a
+# request may fetch from a shared scan (k + its exclusions); a request over it is scored alone, as its long
+# exclusion list would make the shared heap slow for everyone.
+BATCH_MAX_REQUESTS = 32
+BATCH_MAX_FETCH = 256
+BATCH_WAIT_US = 0.0          # µs a batch waits for more after its first request (0: to the end of the loop turn)
 MALLOC_ARENAS = 2            # glibc arenas (a model loaded in a worker thread reuses what the loop freed)
 BLAS_THREADS = 1             # per mat-vec: requests already run in parallel scoring threads
 CHECK_K = 10                 # the model / served-path check asks for this many items
@@ -200,3 +206,13 @@ HTTP_TIMEOUT_SECONDS = 5.0   # s to send the request head, and to take the respo
 HTTP_HEAD_BYTES = 8192       # bytes of a scrape's request head
 # request latency histogram buckets (s): 100 µs .. 2.5 s
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# The status page's ring of the last minutes (ops/status.py): memory is at most STATUS_BUCKETS x (methods + 1) x
+# (STATUS_OCTAVES x STATUS_BINS_PER_OCTAVE + 2) x 4 bytes, about 75 KiB per method ever called.
+STATUS_BUCKET_SECONDS = 10.0   # s per time bucket
+STATUS_BUCKETS = 90            # buckets kept: 15 minutes
+STATUS_BINS_PER_OCTAVE = 8     # latency histogram bins per octave (p50 / p99 within half a bin, 4.4 %)
+STATUS_OCTAVES = 26            # 1 µs .. 2^26 µs (67 s); slower requests land in the top bin
+STATUS_MAX_CODES = 32          # distinct error codes counted per bucket; more fold into code 0
+STATUS_WINDOW_SECONDS = 60     # default window of the figures, s
+STATUS_REFRESH_MS = 2000       # the page's refresh period, ms

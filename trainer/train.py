@@ -99,6 +99,64 @@ class _LossModule(torch.nn.Module):
                              None if denom is None else float(denom))
 
 
+class Progress:
+    """The training progress bar, drawn over the bound that will end the run: ``cfg.epochs`` epochs, or the time
+    budget in seconds (``cfg.time_budget_s``) when the epochs would not fit in it. Before the first epoch ends a
+    budget is assumed to be the bound; after each epoch the mean epoch time so far decides (the bar switches when
+    the other bound would end the run first). Early stopping (``patience``) may end it sooner; the postfix shows
+    the epoch count either way. ``disable``: no bar (quiet runs, ranks other than 0)."""
+
+    def __init__(self, cfg: TrainConfig, disable: bool, start: float):
+        self.epochs, self.budget, self.start = cfg.epochs, cfg.time_budget_s, start
+        self.by_time = self.budget is not None
+        self.done, self.over = 0, False   # epochs finished; the budget passed
+        self.bar = tqdm(disable=disable, **self._look())
+
+    def _look(self) -> dict:
+        if self.by_time:
+            return dict(total=round(self.budget), desc=f"train ({self.budget:.0f} s budget)", unit="s",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}"
+                                   "{postfix}]")
+        return dict(total=self.epochs, desc=f"train ({self.epochs} epochs)", unit="epoch", bar_format=None)
+
+    def _show(self, by_time: bool, epoch: int) -> None:
+        """Redraw over the time budget (``by_time``) or the epochs, ``epoch`` epochs done."""
+        if by_time != self.by_time:
+            self.by_time = by_time
+            look = self._look()
+            self.bar.unit, self.bar.bar_format = look["unit"], look["bar_format"]
+            self.bar.set_description_str(look["desc"], refresh=False)
+            self.bar.reset(total=look["total"])
+            if not by_time:
+                self.bar.update(epoch)
+
+    def tick(self) -> None:
+        """Between epochs (every batch): a time bar follows the clock (tqdm redraws at most 10 times a second). The
+        budget is checked after each epoch, so the run goes on to the end of the epoch under way; the bar says so."""
+        if self.by_time:
+            elapsed = time.perf_counter() - self.start
+            if elapsed >= self.budget and not self.over:
+                self.over = True
+                self.bar.set_description_str(f"train ({self.budget:.0f} s budget reached, finishing epoch "
+                                             f"{self.done + 1})")
+            now = min(int(elapsed), self.bar.total)
+            if now > self.bar.n:
+                self.bar.update(now - self.bar.n)
+
+    def epoch_done(self, epoch: int, **postfix) -> None:
+        self.done = epoch
+        elapsed = time.perf_counter() - self.start
+        by_time = self.budget is not None and elapsed / epoch * self.epochs > self.budget
+        if by_time == self.by_time and not by_time:
+            self.bar.update(1)
+        self._show(by_time, epoch)
+        self.tick()
+        self.bar.set_postfix(epoch=f"{epoch}/{self.epochs}", **postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) -> TrainResult:
     """Train SASRec or BERT4Rec (``cfg.model``) on ``data`` with early stopping on validation NDCG@10 (leave-one-out);
     data-parallel under torchrun (see ``distributed``)."""
@@ -145,8 +203,8 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
     best = (-1.0, 0, None, {})
     start = time.perf_counter()
     score = torch_score_fn(evaluated, device)
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress or rank != 0)
-    for epoch in bar:
+    bar = Progress(cfg, not progress or rank != 0, start)
+    for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
         total, batches = 0.0, 0
@@ -173,6 +231,7 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
                 ema.update_parameters(model)
             total += loss.detach().item()
             batches += 1
+            bar.tick()
         valid = evaluate(score, split.valid_ctx, split.valid_target, cfg.max_len)
         row = {"epoch": epoch, "loss": total / max(batches, 1), "seconds": time.perf_counter() - t0,
                **{f"valid_{k}": v for k, v in valid.items() if k != "users"}}
@@ -181,7 +240,7 @@ def train(cfg: TrainConfig, data: data_mod.Interactions, progress: bool = True) 
         if improved:
             best = (valid["NDCG@10"], epoch, {k: v.detach().clone() for k, v in evaluated.state_dict().items()},
                     valid)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", ndcg10=f"{valid['NDCG@10']:.4f}", best=best[1])
+        bar.epoch_done(epoch, loss=f"{row['loss']:.3f}", ndcg10=f"{valid['NDCG@10']:.4f}", best=best[1])
         if not progress and rank == 0:
             log.info("epoch %d loss %.4f valid HR@10 %.4f NDCG@10 %.4f", epoch, row["loss"], valid["HR@10"],
                      valid["NDCG@10"])

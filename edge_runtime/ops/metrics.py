@@ -1,7 +1,9 @@
 """Prometheus metrics (the ``prometheus_client`` library; text exposition format 0.0.4) and the ``stats`` RPC.
 
-Counters and latency histograms are updated on the request path (a dict lookup and an add each); everything else
-is read from the service when scraped (``_ServiceCollector``), so an idle daemon does no metrics work. Families:
+Counters and latency histograms are updated on the request path (a dict lookup and an add each; the status page's
+ring of the last minutes, ``ops/status.py``, a few more); everything else is read from the service when scraped
+(``_ServiceCollector``), so an idle daemon does no metrics work. The same HTTP server answers ``/`` (the status
+page) and ``/status.json`` (``Metrics.serve_http``). Families:
 
 ==========================================  =====================================================================
 ``edgerec_requests_total{method}``           requests received, by method
@@ -38,7 +40,7 @@ is read from the service when scraped (``_ServiceCollector``), so an idle daemon
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
+import json
 import logging
 import time
 
@@ -48,6 +50,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import const, scoring
 from ..rpc.methods import MethodTable, check_keys
+from . import status as status_page
+from .status import RequestRing, created_ts
 
 log = logging.getLogger("edgerec")
 
@@ -56,16 +60,7 @@ SYNC_STATES = ("starting", "idle", "downloading", "warming", "offline")
 UPSTREAM_STATES = ("starting", "ok", "offline", "refused")
 MAX_HTTP_CONNECTIONS = const.MAX_HTTP_CONNECTIONS
 HTTP_TIMEOUT_S = const.HTTP_TIMEOUT_SECONDS
-
-
-def _created_ts(manifest: dict) -> float | None:
-    text = manifest.get("created_at")
-    if not isinstance(text, str):
-        return None
-    try:
-        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+_TEXT = b"text/plain; charset=utf-8"
 
 
 class _ServiceCollector:
@@ -100,11 +95,15 @@ class _ServiceCollector:
             info.add_metric([m.version, m.precision], 1.0)
         yield info
         if m is not None:
-            created = _created_ts(m.manifest)
+            created = created_ts(m.manifest)
             if created is not None:
                 yield g("edgerec_model_age_seconds", "seconds since the served model was created",
                         value=max(0.0, time.time() - created))
             yield g("edgerec_model_items", "items in the served catalog", value=m.num_items)
+            provider = g("edgerec_model_provider_info", "ONNX Runtime execution provider of the served encoder (1)",
+                         labels=["provider"])
+            provider.add_metric([m.provider], 1.0)
+            yield provider
         path = g("edgerec_scoring_info", "scoring path in use (1)", labels=["path"])
         path.add_metric([scoring.IMPLEMENTATION], 1.0)
         yield path
@@ -187,21 +186,29 @@ class Metrics:
                               ["reason"], registry=self.registry)
         ProcessCollector(registry=self.registry)
         self.registry.register(_ServiceCollector(service, sync))
-        self._service = service
+        self._service, self._sync = service, sync
         self._known = methods   # live: methods added later count too
+        self._children: dict[str, tuple] = {}   # method -> (its requests counter, its latency histogram)
+        # the status page's last minutes (ops/status.py), with the cache counters at each bucket's start
+        self.ring = RequestRing(marks=lambda: (service.cache.hits, service.cache.misses))
         self.http = None
 
     def observe(self, method, seconds: float, code: int | None) -> None:
         # unknown method names are folded into one label value: a client cannot grow the label set
         name = method if isinstance(method, str) and method in self._known else "other"
-        self.requests.labels(name).inc()
-        self.latency.labels(name).observe(seconds)
+        kids = self._children.get(name)
+        if kids is None:
+            kids = self._children[name] = (self.requests.labels(name), self.latency.labels(name))
+        kids[0].inc()
+        kids[1].observe(seconds)
+        self.ring.add(name, seconds, code)
         if code is not None:
             self.errors.labels(str(code)).inc()
 
     def count_error(self, code: int) -> None:
         """An error that closed a connection before any request could be read (parse error, oversized frame)."""
         self.errors.labels(str(code)).inc()
+        self.ring.count_code(code)
 
     def count_auth_failure(self) -> None:
         self.auth_failures.inc()
@@ -212,14 +219,19 @@ class Metrics:
         self.closed.labels(reason).inc()
 
     def rpc_stats(self, p: dict) -> dict:
-        """The ``stats {}`` method: ``stats()`` plus ``analytics`` (``events.analytics.Analytics.snapshot``)."""
+        """The ``stats {}`` method: ``stats()`` plus ``analytics`` (``events.analytics.Analytics.snapshot``) and
+        ``scoring`` (``Service.scoring_stats``: encoder and scan time, batches)."""
         check_keys(p, (), (), "stats")
-        return dict(self.stats(), analytics=self._service.analytics.snapshot())
+        return dict(self.stats(), analytics=self._service.analytics.snapshot(),
+                    scoring=self._service.scoring_stats())
 
     async def serve_http(self, host: str, port: int) -> None:
-        """Prometheus text exposition on http://host:port/metrics, served by the daemon's event loop: at most
-        ``MAX_HTTP_CONNECTIONS`` at once, 5 s to send a request head of at most 8 KiB, one response per connection
-        (prometheus_client renders it: ``generate_latest``)."""
+        """HTTP on host:port, served by the daemon's event loop: ``GET /metrics``, the Prometheus text exposition
+        (prometheus_client renders it: ``generate_latest``); ``GET /``, the status page (HTML, ``ops/status.py``);
+        ``GET /status.json[?window=SECONDS]``, its figures (``status.status``). At most ``MAX_HTTP_CONNECTIONS``
+        at once, 5 s to send a request head of at most 8 KiB, one response per connection; HEAD too. Other
+        methods get 405, other paths 404, a bad query 400, a head over 8 KiB or not sent in time a closed
+        connection."""
         self._http_active = 0
         self.http = await asyncio.start_server(self._handle_http, host, port, limit=const.HTTP_HEAD_BYTES,
                                                reuse_address=True)
@@ -230,24 +242,54 @@ class Metrics:
             return
         self._http_active += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT_S)
-            parts = head.split(b"\r\n", 1)[0].split()
-            if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
-                status, body, ctype = b"405 Method Not Allowed", b"GET /metrics\n", b"text/plain"
-            elif parts[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
-                status, body, ctype = b"404 Not Found", b"GET /metrics\n", b"text/plain"
+            parts: list[bytes] = []
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT_S)
+            except asyncio.IncompleteReadError:   # closed before the head ended: nobody to answer
+                return
+            except (asyncio.LimitOverrunError, ValueError):
+                status, body, ctype = b"431 Request Header Fields Too Large", b"request head over 8 KiB\n", _TEXT
+            except asyncio.TimeoutError:
+                status, body, ctype = b"408 Request Timeout", b"request head not sent within 5 s\n", _TEXT
             else:
-                status, body, ctype = b"200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()
+                parts = head.split(b"\r\n", 1)[0].split()
+                try:
+                    status, body, ctype = self._http_response(parts)
+                except Exception:   # a fault in a page must not take the endpoint (or the node) down
+                    log.exception("metrics endpoint: %r failed", bytes(parts[1][:80]) if len(parts) > 1 else b"")
+                    status, body, ctype = b"500 Internal Server Error", b"internal error, see the log\n", _TEXT
+            extra = b""
+            if ctype.startswith(b"text/html"):
+                extra = b"Content-Security-Policy: " + status_page.CSP + b"\r\nX-Content-Type-Options: nosniff\r\n"
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
-                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
-                         + (body if parts[:1] != [b"HEAD"] else b""))
+                         + str(len(body)).encode() + b"\r\nCache-Control: no-store\r\n" + extra
+                         + b"Connection: close\r\n\r\n" + (body if parts[:1] != [b"HEAD"] else b""))
             await asyncio.wait_for(writer.drain(), HTTP_TIMEOUT_S)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
-                ValueError):
+        except (asyncio.TimeoutError, ConnectionError):
             pass
         finally:
             self._http_active -= 1
             writer.close()
+
+    def _http_response(self, parts: list[bytes]) -> tuple[bytes, bytes, bytes]:
+        """(status line, body, content type) for a request line split on spaces."""
+        usage = b"GET /metrics, / (status page) or /status.json?window=SECONDS\n"
+        if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
+            return b"405 Method Not Allowed", usage, _TEXT
+        path, _, query = parts[1].partition(b"?")
+        if path == b"/metrics":
+            return b"200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()
+        if path == b"/":
+            return b"200 OK", status_page.PAGE, b"text/html; charset=utf-8"
+        if path != b"/status.json":
+            return b"404 Not Found", usage, _TEXT
+        try:
+            window = status_page.parse_window(query.decode("ascii"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            return b"400 Bad Request", f"{exc}\n".encode("ascii", "backslashreplace"), _TEXT
+        body = json.dumps(status_page.status(self._service, self._sync, self.ring, window),
+                          separators=(",", ":")).encode()
+        return b"200 OK", body, b"application/json"
 
     async def close(self) -> None:
         if self.http is not None:
@@ -306,7 +348,7 @@ class MetricsEndpoint:
     async def start(self, server) -> None:
         if self.port:
             await self.metrics.serve_http(self.host, self.port)
-            log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+            log.info("metrics on http://%s:%d/metrics, the status page on /", self.host, self.port)
 
     async def stop(self) -> None:
         await self.metrics.close()

@@ -101,6 +101,7 @@ class RpcConnection(asyncio.Protocol):
         self._stall: asyncio.TimerHandle | None = None
         self._stall_frame = -1   # stream offset of the frame the stall deadline belongs to
         self._idle: asyncio.TimerHandle | None = None
+        self._last_active = 0.0
         self._linger: asyncio.TimerHandle | None = None
         # The Unpacker parses incrementally (max_buffer_size bounds unparsed bytes, not a frame), so the frame size
         # is tracked here: bytes fed so far minus the stream offset where the current frame started.
@@ -193,13 +194,21 @@ class RpcConnection(asyncio.Protocol):
                                              f"(call auth {{token}} first); closing"), quiet=True)
 
     def _touch(self) -> None:
-        """Restart the idle deadline: a connection with nothing in flight and no bytes for IDLE_SECONDS closes."""
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(self.server.idle_seconds, self._idle_check)
+        """Restart the idle deadline: a connection with nothing in flight and no bytes for IDLE_SECONDS closes.
+        Per chunk received this only notes the time; the one timer re-arms itself for what is left when it fires
+        (a cancelled and re-created timer per request cost more than the dispatch of a small request)."""
+        loop = asyncio.get_running_loop()
+        self._last_active = loop.time()
+        if self._idle is None:
+            self._idle = loop.call_later(self.server.idle_seconds, self._idle_check)
 
     def _idle_check(self) -> None:
+        self._idle = None
         if self.closed:
+            return
+        left = self._last_active + self.server.idle_seconds - asyncio.get_running_loop().time()
+        if left > 0:
+            self._idle = asyncio.get_running_loop().call_later(left, self._idle_check)
             return
         if self.inflight or self.reading_paused:
             self._touch()

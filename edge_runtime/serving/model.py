@@ -81,15 +81,17 @@ class Model:
         bundle_items: rows from the bundle (the encoder knows them); rows from there on are items added at the
             node (``with_items``), ``num_added`` of them, whose ids and attributes ``added`` holds.
         attr_emb / id_mean: the bundle's compose arrays (float32 [V, d] / [d]), or None.
+        provider: the ONNX Runtime execution provider the encoder runs on (``Encoder.provider``).
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, precision: str = "int8", verify: bool = True,
-                 threads: int = 1):
-        """Read the bundle (``bundle.format.read_arrays``; ``verify`` checks every sha256), load the encoder, build
-        the id and attribute indexes, then ``check_model``.
+                 threads: int = 1, providers: Sequence[str] | None = None):
+        """Read the bundle (``bundle.format.read_arrays``; ``verify`` checks every sha256), load the encoder on the
+        first available of ``providers`` (None: the process's list, ``encoder.configure_providers``), build the id
+        and attribute indexes, then ``check_model``.
 
         Raises:
-            ValueError: ``precision`` is not 'int8' or 'fp32'.
+            ValueError: ``precision`` is not 'int8' or 'fp32', or ``providers`` is empty.
             BundleError: unreadable, inconsistent or altered bundle, or a model that fails its check.
         """
         t0 = time.perf_counter()
@@ -110,7 +112,7 @@ class Model:
         self.added: dict[str, tuple[str, ...]] = {}
         self._item_mean: np.ndarray | None = None
         self._attr_index: dict[str, int] | None = None
-        self.encoder = Encoder(arrays.encoder_path, threads)
+        self.encoder = Encoder(arrays.encoder_path, threads, providers)
         self.index = {item: row for row, item in enumerate(self.item_ids)}
         # [N, 1] float32 so the popularity list runs through the same top-k scan (and filters) as model scores.
         self.popularity_column = np.ascontiguousarray(self.popularity.reshape(-1, 1))
@@ -132,6 +134,10 @@ class Model:
         self.warmup_us = check_model(self)
         self.score_us = score_cost_us(self)
         self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def provider(self) -> str:
+        return self.encoder.provider
 
     @property
     def num_items(self) -> int:
@@ -256,8 +262,9 @@ class Model:
 
         The encoder gets only the real window ([1, l], l <= max_len): it counts positions from the right, so this
         equals the padded [1, max_len] call and a short session costs a short call."""
-        tail = np.asarray(rows[-self.max_len:], dtype=np.int64) + 1
-        return self.encoder(tail.reshape(1, -1))[0]
+        tail = np.array(rows[-self.max_len:], dtype=np.int64).reshape(1, -1)
+        tail += 1   # row r is the encoder's token r + 1 (0 pads)
+        return self.encoder(tail)[0]
 
     def attribute_mask(self, values: tuple[str, ...]) -> np.ndarray:
         """Packed allow-bitset of items having any of the attribute ``values`` (LRU-cached per value set)."""
@@ -282,7 +289,7 @@ class Model:
         m = self.manifest
         test = m.get("metrics", {}).get("test", {})
         return {"model_version": self.version, "created_at": m.get("created_at"), "precision": self.precision,
-                "num_items": self.num_items, "dim": self.dim, "max_len": self.max_len,
+                "num_items": self.num_items, "dim": self.dim, "max_len": self.max_len, "provider": self.provider,
                 "architecture": m.get("model", {}).get("architecture"),
                 "dataset": {k: m.get("dataset", {}).get(k) for k in ("path", "format", "fingerprint")},
                 "metrics": {name: {k: v for k, v in vals.items() if k in ("HR@10", "NDCG@10")}

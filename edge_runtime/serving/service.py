@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -54,12 +55,12 @@ from ..events.analytics import Analytics
 from ..events.log import Event, EventLog, settle
 from ..rpc.methods import (MethodTable, as_bool, as_id, as_id_list, as_int, as_str, as_ts, check_keys, short,
                            type_name)
+from .batch import Batcher, Job, StageClock, future_done, score_jobs, score_one
 from .model import Model
 from .session import EVENTS, ResultCache, SessionStore
 
 log = logging.getLogger(__name__)
 
-_ONE = np.ones(1, dtype=np.float32)
 
 
 def as_event(p: dict, where: str) -> tuple[str, str, str, float | None, str | None]:
@@ -154,6 +155,9 @@ class Service:
         added_items: the added-items file (``const.ADDED_ITEMS_FILE`` in the state directory), or None: items
             added by ``add_items`` then live in memory only. Read here (a damaged file is set aside as
             ``.bad`` and logged); its items are composed onto the first model swapped in.
+        batch_wait_us / batch_max: concurrent ``recommend`` requests are scored in batches (``batch.py``): µs a
+            batch waits for more after its first request (0: to the end of the event-loop turn), and requests per
+            batch at most. ``scoring_threads``: the executor's threads (batches in flight at most).
 
     Attributes:
         methods: the ``MethodTable`` of the API (the RPC server dispatches to it).
@@ -166,7 +170,8 @@ class Service:
                  max_sessions: int = const.MAX_SESSIONS, session_events: int = const.SESSION_EVENTS,
                  cache_entries: int = const.CACHE_ENTRIES, cache_items: int = const.CACHE_ITEMS,
                  events: EventLog | None = None, pseudonym: Callable[[str], str] | None = None,
-                 added_items: str | os.PathLike | None = None):
+                 added_items: str | os.PathLike | None = None, batch_wait_us: float = 0.0,
+                 batch_max: int = const.BATCH_MAX_REQUESTS, scoring_threads: int = const.SCORING_THREADS):
         if events is not None and pseudonym is None:
             raise ValueError("an event log needs a pseudonymizer: raw shopper ids are never stored")
         self.model = model
@@ -177,6 +182,9 @@ class Service:
         self.score_inline = mode if mode in ("auto", "always", "never") else "auto"
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(const.SCORING_THREADS,
                                                                           thread_name_prefix="score")
+        self.clock = StageClock()
+        self.batcher = Batcher(lambda jobs: self._score_jobs(jobs), self.executor, scoring_threads,
+                               lambda: self._inline(self.model), batch_wait_us, batch_max)
         self.sessions = SessionStore(max_sessions, session_events)
         self.cache = ResultCache(cache_entries, cache_items)
         # Out-of-stock ids (unknown ids kept: a later model may know them), and for the current model a bool mask
@@ -220,7 +228,7 @@ class Service:
         """One request through the served path (parameter checks, a scoring thread, encoder, scan, reply) for the
         most popular item's session: the reply must come from ``model``, hold at least one item unless nothing is
         in stock (an encoder that returns NaN scores every item out), and only finite scores. Run after every swap
-        (``swap.ModelSwapper``); the first real request then finds threads, ONNX session and kernel warm.
+        (``swap.ModelSwapper``, which runs ``warm_up`` once the swap is done).
 
         Raises:
             SwapError: the reply is not from ``model``, is empty, or has non-finite scores.
@@ -231,6 +239,58 @@ class Service:
         if res["model_version"] != model.version or empty or not np.all(np.isfinite(res["scores"])):
             raise SwapError(f"served-path check got model {res['model_version']}, {len(res['items'])} items, "
                             f"scores {res['scores'][:3]}")
+
+    async def warm_up(self, model: Model) -> None:
+        """Make the first real request cost what the next ones do (it cost 2x before: each path below does one-time
+        work on its first run). Run by the swap path after the swap and its memory release (which would hand back
+        pages warmed before it). Through ``recommend``: the encoder at the full window
+        (``model.max_len`` items) with the scan's exclude list (``exclude_seen``); a ``user`` request (the result
+        cache, the popularity scan with an exclude filter; no session is created, its cache entry is dropped and
+        the cache's hit / miss counters are restored); a history of an unknown id (ignored, the popularity scan);
+        a category filter when the model has attributes (the scan's allow-mask); all of them in one event-loop turn
+        (as concurrent requests arrive), then one after the other. And when this model is scored on the scoring
+        threads, the encoder and the scan on every one of those threads at once (behind a barrier, so that none is
+        left out: each thread's first ONNX Runtime run sets up its own buffers). Nothing a client sees changes.
+
+        Raises:
+            EdgeRuntimeError: a warm-up request failed (the swap path logs it and serves on).
+        """
+        top = np.argsort(-model.popularity[:model.bundle_items], kind="stable")
+        rows = top[:min(model.max_len, const.MAX_HISTORY_IDS)][::-1].tolist()   # oldest first: the most popular last
+        window = [model.item_ids[r] for r in rows]
+        user, hits, misses = "edgerec.warm-up", self.cache.hits, self.cache.misses
+        warm = [{"history": window, "k": const.CHECK_K},
+                {"user": user, "k": const.CHECK_K, "filters": {"exclude": window[-1:]}},
+                {"history": [user], "k": const.CHECK_K}]   # an id the model does not know: ignored, popularity
+        category = next((v for v in model.attr_rows if len(v) <= const.MAX_ID_CHARS), None)
+        if category:
+            warm.append({"history": window[-1:], "k": const.CHECK_K, "filters": {"category": category}})
+        try:
+            # all in one event-loop turn, as concurrent clients' requests arrive (batched together), then one by one
+            # (as a lone client's requests arrive: what the next request finds)
+            replies = [self.recommend_now(p) for p in warm]
+            await asyncio.gather(*(r for r in replies if isinstance(r, asyncio.Future)))
+            for p in warm:
+                await self.recommend(p)
+        finally:
+            self.cache.invalidate(self.key(user))
+            self.cache.hits, self.cache.misses = hits, misses
+        if self._inline(model):
+            return
+        n = self.batcher.threads
+        barrier = threading.Barrier(n)
+        excl = np.asarray(rows, dtype=np.int64)
+
+        def on_each_thread() -> None:
+            try:
+                barrier.wait(5.0)   # s: a thread still busy with a long request is waited for, this long at most
+            except threading.BrokenBarrierError:
+                pass   # the others are warm; this one warms after them
+            scoring.topk(model.encode(rows), model.items, const.CHECK_K, item_scales=model.scales, exclude=excl,
+                         items_checked=True)
+
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self.executor, on_each_thread) for _ in range(n)))
 
     def swap_model(self, model: Model | None) -> None:
         """Serve ``model`` (None: no model) from now on; requests already running finish on the model they started
@@ -285,12 +345,14 @@ class Service:
         return (await r) if isinstance(r, asyncio.Future) else r
 
     def recommend_now(self, p: dict) -> dict | asyncio.Future:
-        """The ``recommend`` handler: the reply, or a future of it when the scoring runs on a scoring thread.
+        """The ``recommend`` handler: the reply, or a future of it when the request is batched or scored on a thread.
 
         Where a request is scored: on the event loop when the served model's measured scoring cost
         (``Model.score_us``: encoder + scan) is at most ``const.INLINE_SCORE_US`` (the hop to a thread and back
         costs more than it saves there; ``EDGEREC_SCORE_INLINE=always|never`` overrides), else on a scoring thread
-        (the encoder and the scan release the GIL, so long scans of concurrent requests overlap)."""
+        (the encoder and the scan release the GIL, so long scans of concurrent requests overlap). A lone request
+        on the loop is scored at once; requests arriving together, and every request scored on a thread, go
+        through the ``Batcher`` (``batch.py``: one scan per batch, each reply what it would be alone)."""
         check_keys(p, ("user", "history", "k", "exclude_seen", "filters"), (), "recommend")
         user = as_id(p["user"], "user") if p.get("user") is not None else None
         history = as_id_list(p["history"], "history", const.MAX_HISTORY_IDS) if p.get("history") is not None else None
@@ -318,26 +380,26 @@ class Service:
             excl_rows = excl_rows + rows
         if model.num_added:   # added items have no row in the encoder's table: excluded when seen, not encoded
             rows = [r for r in rows if r < model.bundle_items]
-        args = (model, rows, k, excl_rows, categories, self._stock_bits)
         finish = (model, bool(rows), ignored, user, cache_key, session.version if session else 0)
-        if self._inline(model):
-            return self._result(self._score(*args), *finish)
+        job = Job(model, rows, k, excl_rows, categories, self._stock_bits, None)
+        inline = self._inline(model)
+        if inline and not self.batcher.concurrent():   # a lone request on the loop: no future, no batch
+            scored = score_one(job, self._allow_mask(model, categories, job.stock_bits), self.clock)
+            return self._result(scored, *finish)
         out = asyncio.get_running_loop().create_future()
-
-        def scored(f: asyncio.Future) -> None:
-            if out.done():   # the request was cancelled (shutdown)
-                return
-            exc = f.exception()
-            if exc is not None:
-                settle(out, None, exc)
-                return
-            try:
-                settle(out, self._result(f.result(), *finish), None)
-            except Exception as e:   # noqa: BLE001 - reported to the client as the request's error
-                settle(out, None, e)
-
-        asyncio.get_running_loop().run_in_executor(self.executor, self._score, *args).add_done_callback(scored)
+        job.done = future_done(out, lambda scored: self._result(scored, *finish))
+        self.batcher.add(job)
         return out
+
+    def _score_jobs(self, jobs: list[Job]) -> list:
+        """A batch of requests (on the loop or a scoring thread): ``batch.score_jobs`` with this service's filters
+        and stage clock."""
+        return score_jobs(jobs, self._allow_mask, self.clock)
+
+    def scoring_stats(self) -> dict:
+        """Where ``recommend`` time goes (``stats``): ``StageClock.snapshot`` (mean encoder µs per call, scan µs per
+        query) plus ``batches`` (batches of more than one request scored) and ``batched`` (the requests in them)."""
+        return dict(self.clock.snapshot(), batches=self.batcher.batches, batched=self.batcher.batched)
 
     def _inline(self, model: Model) -> bool:
         mode = self.score_inline
@@ -586,12 +648,18 @@ class Service:
 
     # -- introspection ---------------------------------------------------------------------------------------
     def health(self, p: dict) -> dict:
+        """``health {}`` -> {status ('ok' / 'no_model'), model_version, uptime_s, sessions, cache_entries, scoring
+        (the top-k backend), precision, added_items, provider (the ONNX Runtime execution provider the served
+        encoder runs on, e.g. 'CPUExecutionProvider'; None without a model), providers_requested (the configured
+        preference list it was picked from), and events / sync / offline / upstream where the node has them}."""
         check_keys(p, (), (), "health")
         m = self.model
         out = {"status": "ok" if m is not None else "no_model", "model_version": m.version if m else None,
                "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions),
                "cache_entries": len(self.cache), "scoring": scoring.IMPLEMENTATION,
-               "precision": m.precision if m else None, "added_items": m.num_added if m else 0}
+               "precision": m.precision if m else None, "added_items": m.num_added if m else 0,
+               "provider": m.provider if m else None,
+               "providers_requested": list(m.encoder.providers_requested) if m else None}
         if self.events is not None:
             out["events"] = self.events.health()
         if self.sync is not None:
@@ -600,17 +668,6 @@ class Service:
         if self.upstream is not None:
             out["upstream"] = self.upstream.health()
         return out
-
-    def _score(self, model: Model, rows: list[int], k: int, exclude: list[int], categories, stock_bits):
-        """Filters + encoder + exact top-k scan (runs in a scoring thread). No known context -> the popularity list
-        through the same scan, so filters apply to it too."""
-        allow = self._allow_mask(model, categories, stock_bits)
-        excl = np.asarray(exclude, dtype=np.int64) if exclude else None
-        if rows:
-            u = model.encode(rows)
-            return scoring.topk(u, model.items, k, item_scales=model.scales, exclude=excl, allow=allow,
-                                items_checked=True)   # checked once, at load
-        return scoring.topk(_ONE, model.popularity_column, k, exclude=excl, allow=allow, items_checked=True)
 
     def model_info(self, p: dict) -> dict:
         check_keys(p, (), (), "model_info")

@@ -11,7 +11,9 @@ SIGHUP, by rollback.
    the scan, the reply shape); if it fails, the previous model is swapped back and ``SwapError`` raised; if it
    passes, the added items the model was trained on leave the added set (``Service.retire_known``);
 5. drop the old model and hand its memory back to the OS (``memory.release_memory``);
-6. tell the listeners (``on_swap``: the zeroconf announcement of the version served).
+6. warm up (``Service.warm_up``: every path and scoring thread a request touches, once, so the first real request
+   costs what the next ones do; after step 5, which would hand back the pages it warms);
+7. tell the listeners (``on_swap``: the zeroconf announcement of the version served).
 
 Every model change holds ``lock()``, so a sync install, a rollback and a reload never interleave; steps 2 to 4 also
 hold ``Service.items_lock()``, so no ``add_items`` lands between the composition and the swap.
@@ -68,7 +70,7 @@ class ModelSwapper:
 
     async def activate(self, model: Model, reason: str) -> None:
         """Serve ``model`` with the node's added items composed onto it: swap, served check, rollback on failure,
-        memory release, ``on_swap``.
+        memory release, warm-up (``Service.warm_up``), ``on_swap``.
 
         Raises:
             SwapError: the served check failed; the previous model (or none) is served again.
@@ -88,6 +90,10 @@ class ModelSwapper:
             self.service.retire_known()
         del old
         await loop.run_in_executor(None, release_memory)
+        try:   # after the release, which would hand back the pages it warms
+            await self.service.warm_up(model)
+        except Exception as exc:   # noqa: BLE001 - the model passed its check; a warm-up failure only costs speed
+            log.warning("warm-up of %s failed (serving it anyway): %r", model.version, exc)
         log.info("now serving %s (%s)", model.version, reason)
         for cb in self.on_swap:
             cb(model.version)

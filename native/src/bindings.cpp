@@ -46,8 +46,9 @@ void check_array(const py::array& a, const char* name, int ndim) {
 
 py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, int d_packed, std::int64_t k,
                    py::object item_scales, py::object query_scales, py::object allow, py::object exclude,
-                   int num_threads, bool packed) {
+                   int num_threads, bool packed, bool per_query = false) {
     ScanArgs a;
+    a.per_query = per_query;
     const bool int8_items = packed || items.dtype().is(py::dtype::of<std::int8_t>());
     const bool int8_queries = queries.dtype().is(py::dtype::of<std::int8_t>());
     if (!packed) {
@@ -185,8 +186,9 @@ py::tuple topk_packed(py::array queries, py::array packed, std::int64_t n, int d
 }
 
 py::tuple topk(py::array queries, py::array items, std::int64_t k, py::object item_scales, py::object query_scales,
-               py::object allow, py::object exclude, int num_threads) {
-    return run_topk(queries, items, 0, 0, k, item_scales, query_scales, allow, exclude, num_threads, false);
+               py::object allow, py::object exclude, int num_threads, bool per_query) {
+    return run_topk(queries, items, 0, 0, k, item_scales, query_scales, allow, exclude, num_threads, false,
+                    per_query);
 }
 
 double stream_sum(py::array_t<float, py::array::c_style> a) {
@@ -208,9 +210,9 @@ PYBIND11_MODULE(_native, m) {
     m.def("compiled_levels", &edgerec::compiled_levels, "Levels compiled into this build.");
     m.def("topk", &topk, py::arg("queries"), py::arg("items"), py::arg("k"), py::arg("item_scales") = py::none(),
           py::arg("query_scales") = py::none(), py::arg("allow") = py::none(), py::arg("exclude") = py::none(),
-          py::arg("num_threads") = 1,
-          "Exact top-k; see edge_runtime.scoring.topk for the contract. Returns (ids int64 [B, k'], "
-          "scores float32 [B, k']).");
+          py::arg("num_threads") = 1, py::arg("per_query") = false,
+          "Exact top-k; see edge_runtime.scoring.topk for the contract (per_query: each float query scored as "
+          "alone). Returns (ids int64 [B, k'], scores float32 [B, k']).");
     m.def("pack_i8", &pack_i8, "Row-major int8 [N, d] -> packed 16-row tiles (uint8) for topk_packed.");
     m.def("topk_packed", &topk_packed, py::arg("queries"), py::arg("packed"), py::arg("n"), py::arg("d"),
           py::arg("k"), py::arg("item_scales"), py::arg("query_scales"), py::arg("allow") = py::none(),

@@ -54,6 +54,9 @@ struct ScanArgs {
     std::int64_t n = 0;
     int d = 0;
     int nq = 0;
+    // Float queries: score each query as a call with it alone would (never the broadcast batch kernel, whose sums
+    // run in another order), so a query's result does not depend on the batch it came in.
+    bool per_query = false;
     Filters filters;
 };
 

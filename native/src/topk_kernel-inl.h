@@ -599,48 +599,84 @@ static inline __m256 load8x(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8x(const std::int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+// <q, x> over [dv, d) for 8 rows: one out-of-line function per item type, so the batched (widened) and the single
+// scan run the very same instructions here (GCC contracts a * b + c into an FMA per function as it sees fit).
+template <typename Item>
+__attribute__((noinline)) static void tail8(const float* q, const Item* xr, int d, int dv, float* rest) {
+    for (int r = 0; r < 8; ++r) {
+        const Item* x = xr + static_cast<std::int64_t>(r) * d;
+        float s = 0.0f;
+        for (int j = dv; j < d; ++j) s += q[j] * static_cast<float>(x[j]);
+        rest[r] = s;
+    }
+}
+
+// Dots of 8 rows with query q into out[0..8): the main part [0, dv) from xr (Item: float32, or int8 widened on
+// load), the tail [dv, d) from xt (the rows as stored), then the scales. The FMA order every call uses.
+template <typename Item, typename Stored>
+static inline void dots8_f_avx2(const float* q, const Item* xr, const Stored* xt, int d, int dv, const float* scales,
+                                float* out) {
+    alignas(32) float rest[8];
+    __m256 acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+    for (int j = 0; j < dv; j += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + j);
+        for (int r = 0; r < 8; ++r)
+            acc[r] = _mm256_fmadd_ps(qv, load8x(xr + static_cast<std::int64_t>(r) * d + j), acc[r]);
+    }
+    __m256 dots = hsum8(acc);
+    if (dv < d) {
+        tail8<Stored>(q, xt, d, dv, rest);
+        dots = _mm256_add_ps(dots, _mm256_load_ps(rest));
+    }
+    if (scales) dots = _mm256_mul_ps(dots, _mm256_loadu_ps(scales));
+    _mm256_store_ps(out, dots);
+}
+
+// Several queries against int8 items: each 8-row step is widened to float once (exact: int8 -> float) into wide,
+// then every query runs the float kernel over it, so the products and their order are those of a single-query
+// call (the result of a query does not depend on the others) and the widening is paid once per row.
 template <typename Item>
 static void scan_f_avx2(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap* heaps) {
     const int d = a.d;
     const int dv = d / 8 * 8;
     const float* queries = static_cast<const float*>(a.queries);
     const Item* items = static_cast<const Item*>(a.items);
-    alignas(32) float buf[BLOCK];
-    alignas(32) float rest[8];
+    constexpr bool kWiden = std::is_same<Item, std::int8_t>::value;
+    const bool widen = kWiden && a.nq > 1;
+    std::vector<float> wide(widen ? static_cast<std::size_t>(8) * d : 0);
+    struct alignas(64) ScoreBlock { float v[BLOCK]; };   // select_block reads it with aligned loads
+    std::vector<ScoreBlock> bufs(a.nq);
     for (std::int64_t base = begin; base < end; base += BLOCK) {
         const int count = static_cast<int>(std::min<std::int64_t>(BLOCK, end - base));
         const std::uint64_t allow = block_allow(a.filters, base, count);
         if (!allow) continue;
         const Item* x0 = items + base * d;
-        for (int qi = 0; qi < a.nq; ++qi) {
-            const float* q = queries + static_cast<std::int64_t>(qi) * d;
-            int t = 0;
-            for (; t + 8 <= count; t += 8) {
-                const Item* xr = x0 + static_cast<std::int64_t>(t) * d;
-                if (qi == 0) prefetch_lines(xr + 16 * d, 8 * d * sizeof(Item));  // 2 steps ahead
-                __m256 acc[8];
-                for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
-                for (int j = 0; j < dv; j += 8) {
-                    const __m256 qv = _mm256_loadu_ps(q + j);
-                    for (int r = 0; r < 8; ++r)
-                        acc[r] = _mm256_fmadd_ps(qv, load8x(xr + static_cast<std::int64_t>(r) * d + j), acc[r]);
-                }
-                __m256 dots = hsum8(acc);
-                if (dv < d) {
-                    for (int r = 0; r < 8; ++r) {
-                        const Item* x = xr + static_cast<std::int64_t>(r) * d;
-                        float s = 0.0f;
-                        for (int j = dv; j < d; ++j) s += q[j] * static_cast<float>(x[j]);
-                        rest[r] = s;
-                    }
-                    dots = _mm256_add_ps(dots, _mm256_load_ps(rest));
-                }
-                if (a.scales) dots = _mm256_mul_ps(dots, _mm256_loadu_ps(a.scales + base + t));
-                _mm256_store_ps(buf + t, dots);
+        const float* sc = a.scales ? a.scales + base : nullptr;
+        int t = 0;
+        for (; t + 8 <= count; t += 8) {
+            const Item* xr = x0 + static_cast<std::int64_t>(t) * d;
+            prefetch_lines(xr + 16 * d, 8 * d * sizeof(Item));  // 2 steps ahead
+            if (widen) {
+                float* w = wide.data();
+                int e = 0;
+                for (; e + 8 <= 8 * d; e += 8) _mm256_storeu_ps(w + e, load8x(xr + e));
+                for (; e < 8 * d; ++e) w[e] = static_cast<float>(xr[e]);
+                for (int qi = 0; qi < a.nq; ++qi)
+                    dots8_f_avx2(queries + static_cast<std::int64_t>(qi) * d, w, xr, d, dv, sc ? sc + t : nullptr,
+                                 bufs[qi].v + t);
+            } else {
+                for (int qi = 0; qi < a.nq; ++qi)
+                    dots8_f_avx2(queries + static_cast<std::int64_t>(qi) * d, xr, xr, d, dv, sc ? sc + t : nullptr,
+                                 bufs[qi].v + t);
             }
-            for (; t < count; ++t) {
-                const float s = dot_f(q, x0 + static_cast<std::int64_t>(t) * d, d);
-                buf[t] = a.scales ? s * a.scales[base + t] : s;
+        }
+        for (int qi = 0; qi < a.nq; ++qi) {
+            float* buf = bufs[qi].v;
+            const float* q = queries + static_cast<std::int64_t>(qi) * d;
+            for (int r = t; r < count; ++r) {
+                const float s = dot_f(q, x0 + static_cast<std::int64_t>(r) * d, d);
+                buf[r] = sc ? s * sc[r] : s;
             }
             select_block(buf, base, count, allow, a.filters, heaps[qi]);
         }
@@ -929,7 +965,7 @@ void scan(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap* heaps) 
     case Mode::F32: {
         const float* qs = static_cast<const float*>(a.queries);
 #if EDGEREC_W > 1
-        if (a.nq >= kBatchMin) { scan_batch<float>(a, begin, end, heaps, qs, nullptr); return; }
+        if (a.nq >= kBatchMin && !a.per_query) { scan_batch<float>(a, begin, end, heaps, qs, nullptr); return; }
 #endif
 #if EDGEREC_AVX2_HELPERS
         scan_f_avx2<float>(a, begin, end, heaps);
@@ -942,7 +978,10 @@ void scan(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap* heaps) 
     case Mode::I8_F32Q: {
         const float* qs = static_cast<const float*>(a.queries);
 #if EDGEREC_W > 1
-        if (a.nq >= kBatchMin) { scan_batch<std::int8_t>(a, begin, end, heaps, qs, nullptr); return; }
+        if (a.nq >= kBatchMin && !a.per_query) {
+            scan_batch<std::int8_t>(a, begin, end, heaps, qs, nullptr);
+            return;
+        }
 #endif
 #if EDGEREC_AVX2_HELPERS
         scan_f_avx2<std::int8_t>(a, begin, end, heaps);

@@ -480,6 +480,30 @@ def test_trickled_frame_and_idle_connections_are_closed(tiny_bundle):
         assert stop_daemon(proc) == 0
 
 
+def test_a_connection_in_use_outlives_the_idle_deadline(tiny_bundle):
+    """The idle deadline counts from the last bytes received: requests every 0.4 s keep a connection open for 3 s
+    past a 1 s deadline, and once they stop it is closed about 1 s later."""
+    from edge_runtime.client import Client
+    from edgerec.process import free_port, start_daemon, stop_daemon
+
+    port = free_port()
+    proc = start_daemon(tiny_bundle, port, ["--idle-seconds", "1.0"])
+    try:
+        with Client("127.0.0.1", port, timeout=5) as c:
+            start = time.monotonic()
+            while True:
+                assert c.call("health")["status"] == "ok"
+                quiet = time.monotonic()
+                if quiet - start > 3.0:
+                    break
+                time.sleep(0.4)
+            c.sock.settimeout(5)
+            assert c.sock.recv(1) == b""        # closed by the daemon
+            assert 0.8 <= time.monotonic() - quiet <= 3.0
+    finally:
+        assert stop_daemon(proc) == 0
+
+
 def test_unix_socket_of_a_live_daemon_is_not_taken_over(tiny_bundle, tmp_path):
     from edge_runtime.client import Client
     from edgerec.process import free_port, start_daemon, stop_daemon

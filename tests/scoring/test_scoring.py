@@ -289,3 +289,46 @@ def test_native_releases_the_gil():
     t.join()
     # with the GIL held for the whole scan the loop above could not run in between
     assert ticks > 100
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("int8_items", [False, True])
+@pytest.mark.parametrize("d", [7, 64, 100])
+def test_per_query_batches_equal_single_queries_bit_for_bit(backend, int8_items, d):
+    """Random float queries (real-valued: sums are not exact, so the order of additions shows in the last bits):
+    with per_query=True every row of a batch, of any size, is exactly what a call with that query alone returns,
+    filters included; so the daemon's batches never change a reply."""
+    rng = np.random.default_rng(d * 10 + int8_items)
+    n = 3000
+    items = rng.standard_normal((n, d)).astype(np.float32)
+    kw = {}
+    if int8_items:
+        items, kw["item_scales"] = scoring.quantize_rows(items)
+    allow = scoring.pack_mask(rng.random(n) < 0.9)
+    excl = rng.choice(n, 40, replace=False)
+    for nq in (2, 3, 4, 8, 9, 17, 33):
+        q = rng.standard_normal((nq, d)).astype(np.float32)
+        ids, sc = scoring.topk(q, items, 25, exclude=excl, allow=allow, backend=backend, per_query=True, **kw)
+        for b in range(nq):
+            one = scoring.topk(q[b], items, 25, exclude=excl, allow=allow, backend=backend, **kw)
+            np.testing.assert_array_equal(ids[b], one[0])
+            np.testing.assert_array_equal(sc[b], one[1])
+        rid, rsc = reference(q, items, 25, exclude=excl, allow=scoring.unpack_mask(allow, n), **kw)
+        np.testing.assert_allclose(sc, rsc, rtol=1e-5, atol=1e-5)   # and right, within float rounding
+
+
+def test_topk_served_equals_topk():
+    """The daemon's entry point returns what topk returns (exclusions as an unsorted list with repeats), and
+    rejects an exclusion outside the catalog."""
+    rng = np.random.default_rng(5)
+    items, scales = scoring.quantize_rows(rng.standard_normal((5000, 64)).astype(np.float32))
+    allow = scoring.pack_mask(rng.random(5000) < 0.7)
+    for _ in range(20):
+        q = rng.standard_normal(64).astype(np.float32)
+        excl = rng.integers(0, 5000, 30).tolist()
+        a = scoring.topk_served(q, items, 10, scales, excl + excl[:5], allow)
+        b = scoring.topk(q, items, 10, item_scales=scales, exclude=excl, allow=allow)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="outside"):
+        scoring.topk_served(q, items, 10, scales, [5000], None)

@@ -293,24 +293,26 @@ def test_add_items_invalidates_cached_results(model, attr_sets):
 def test_result_scored_before_an_add_is_not_cached_after_it(model):
     """A recommend whose scan ran on the model before add_items must not refill the cache when it finishes after."""
     service = Service(None)
+    service.score_inline = "never"   # the scan runs in a thread, so add_items can run while it is held
     gate = threading.Event()
 
     async def go():
         await boot(service, model)
         service.track({"user": "u", "item": model.item_ids[3], "event": "view"})
-        real = service._score
+        real = service._score_jobs
 
         def slow(*a):
             gate.wait(10)
             return real(*a)
 
-        service._score = slow
+        service._score_jobs = slow
         pending = asyncio.ensure_future(service.recommend({"user": "u", "k": 5}))
         await asyncio.sleep(0.05)
         await service.add_items({"items": [{"id": "mid", "attributes": ["17"]}]})
         gate.set()
-        await pending
-        service._score = real
+        reply = await pending
+        service._score_jobs = real
+        assert reply["model_version"] == model.version and len(reply["items"]) == 5   # the scan did finish
         assert len(service.cache) == 0
 
     run(service, go())

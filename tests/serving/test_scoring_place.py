@@ -10,8 +10,7 @@ import pytest
 from edge_runtime import const
 from edge_runtime.errors import InvalidParams
 from edge_runtime.serving.model import Model
-from edge_runtime.serving.service import Service
-from edge_runtime.serving.swap import ModelSwapper
+from served import serve
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +30,12 @@ def test_inline_and_threaded_scoring_give_the_same_replies(model):
                  {"history": [ids[9]], "k": 10, "filters": {"exclude": [ids[1], ids[2]]}}]
     replies = {}
     for mode in ("always", "never"):
-        service = Service(None)
-        service.score_inline = mode
+        service = serve(model, mode)
 
         async def go():
-            swapper = ModelSwapper(service)
-            async with swapper.lock():
-                await swapper.activate(model, "test")
             out = []
             for p in requests:
+                await asyncio.sleep(0.025)   # a lone request (batch.RECENT_S after the last burst): never batched
                 r = service.recommend_now(dict(p))
                 assert isinstance(r, asyncio.Future) is (mode == "never")
                 out.append(await r if isinstance(r, asyncio.Future) else r)
