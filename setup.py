@@ -39,17 +39,24 @@ class CMakeBuild(build_ext):
     """Builds edge_runtime.scoring._native with CMake (CMakeLists.txt at the repository root)."""
 
     def build_extension(self, ext):
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        # a kernel left by an earlier build (build/lib, or in place) must not ship when this build does not make one
+        target.unlink(missing_ok=True)
         if _flag("NO_NATIVE"):
             print("edgerec: EDGEREC_NO_NATIVE set, not building the native kernel", file=sys.stderr)
             return
-        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        out_dir = target.parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         root = Path(__file__).resolve().parent
+        # the compilers named in the environment, even where an earlier configure cached others in build_dir
+        compilers = [f"-DCMAKE_{lang}_COMPILER={os.environ[var]}" for lang, var in (("CXX", "CXX"), ("C", "CC"))
+                     if os.environ.get(var)]
         try:
             cmake = _cmake()
             subprocess.run([cmake, "-S", str(root), "-B", str(build_dir), f"-DEDGEREC_OUTPUT_DIR={out_dir}",
-                            f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release"], check=True)
+                            f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release", *compilers],
+                           check=True)
             subprocess.run([cmake, "--build", str(build_dir), "-j", str(os.cpu_count() or 2)], check=True)
         except (OSError, ImportError, subprocess.CalledProcessError) as exc:
             if _flag("REQUIRE_NATIVE"):

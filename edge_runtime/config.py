@@ -77,8 +77,10 @@ def _rng(lo, hi=None):
 KEYS: tuple[Key, ...] = (
     Key("model", "bundle", str, "", None, "a bundle directory path ('' = none: take it from --state-dir)"),
     Key("model", "precision", str, "int8", lambda v: v in ("int8", "fp32"), "'int8' or 'fp32'"),
-    Key("model", "providers", list, ["CPUExecutionProvider"], lambda v: len(v) > 0 and all(v),
-        "a non-empty list of ONNX Runtime execution provider names, most preferred first (e.g. "
+    Key("model", "providers", list, ["CPUExecutionProvider"],
+        lambda v: 0 < len(v) <= const.MAX_PROVIDERS and all(len(p) <= const.MAX_PROVIDER_CHARS for p in v) and all(v),
+        f"a list of 1 to {const.MAX_PROVIDERS} ONNX Runtime execution provider names (at most "
+        f"{const.MAX_PROVIDER_CHARS} characters each), most preferred first (e.g. "
         "['CUDAExecutionProvider', 'CPUExecutionProvider']; names this onnxruntime build lacks are skipped)"),
     Key("server", "host", str, const.DEFAULT_HOST, lambda v: bool(v), "an address to bind"),
     Key("server", "port", int, const.DEFAULT_PORT, _rng(-1, 65535), "an integer in -1..65535 (-1: no TCP)"),

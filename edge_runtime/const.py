@@ -97,6 +97,10 @@ SCORING_THREADS = 2          # threads that run encoder + scan; both release the
 # exclusion list would make the shared heap slow for everyone.
 BATCH_MAX_REQUESTS = 32
 BATCH_MAX_FETCH = 256
+# A request is scored on the event loop (a small model, INLINE_SCORE_US) only when it is light: k + its exclusions
+# at most BATCH_MAX_FETCH and at most this many categories; a heavier one (measured: k = 1000 with 1,000 exclusions
+# and 100 categories, ~5 ms) goes to a scoring thread, or it would hold every other connection meanwhile.
+INLINE_MAX_CATEGORIES = 8
 BATCH_WAIT_US = 0.0          # µs a batch waits for more after its first request (0: to the end of the loop turn)
 MALLOC_ARENAS = 2            # glibc arenas (a model loaded in a worker thread reuses what the loop freed)
 BLAS_THREADS = 1             # per mat-vec: requests already run in parallel scoring threads
@@ -216,3 +220,7 @@ STATUS_OCTAVES = 26            # 1 µs .. 2^26 µs (67 s); slower requests land 
 STATUS_MAX_CODES = 32          # distinct error codes counted per bucket; more fold into code 0
 STATUS_WINDOW_SECONDS = 60     # default window of the figures, s
 STATUS_REFRESH_MS = 2000       # the page's refresh period, ms
+
+# [model] providers (serving/encoder.py): ONNX Runtime knows about 20 execution providers; a longer list is a mistake
+MAX_PROVIDERS = 16
+MAX_PROVIDER_CHARS = 64

@@ -130,15 +130,16 @@ class Progress:
             if not by_time:
                 self.bar.update(epoch)
 
-    def tick(self) -> None:
-        """Between epochs (every batch): a time bar follows the clock (tqdm redraws at most 10 times a second). The
-        budget is checked after each epoch, so the run goes on to the end of the epoch under way; the bar says so."""
+    def tick(self, between_epochs: bool = False) -> None:
+        """Every batch (and after each epoch, ``between_epochs``): a time bar follows the clock (tqdm redraws at
+        most 10 times a second). The budget is checked after each epoch, so a budget passed mid-epoch lets the
+        epoch under way finish, and the bar says so; passed at an epoch's end, the run ends there."""
         if self.by_time:
             elapsed = time.perf_counter() - self.start
             if elapsed >= self.budget and not self.over:
                 self.over = True
-                self.bar.set_description_str(f"train ({self.budget:.0f} s budget reached, finishing epoch "
-                                             f"{self.done + 1})")
+                what = f"after epoch {self.done}" if between_epochs else f"finishing epoch {self.done + 1}"
+                self.bar.set_description_str(f"train ({self.budget:.0f} s budget reached, {what})")
             now = min(int(elapsed), self.bar.total)
             if now > self.bar.n:
                 self.bar.update(now - self.bar.n)
@@ -150,7 +151,7 @@ class Progress:
         if by_time == self.by_time and not by_time:
             self.bar.update(1)
         self._show(by_time, epoch)
-        self.tick()
+        self.tick(between_epochs=True)
         self.bar.set_postfix(epoch=f"{epoch}/{self.epochs}", **postfix)
 
     def close(self) -> None:

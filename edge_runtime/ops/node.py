@@ -173,6 +173,26 @@ def wire_sync(service: Service, swapper: ModelSwapper, sync: SyncManager) -> Non
     service.methods.add("rollback", sync.rpc_rollback, is_async=True)
 
 
+class WarmBeforeReady:
+    """The last component a node starts: ``Service.warm_up`` once more right before ``READY=1``. Starting the others
+    (zeroconf's announcement probing above all) runs enough other code to cool what the boot swap's warm-up warmed:
+    the first ``recommend`` after READY measured 2.1x the second without this, its encoder call 374 µs against
+    150 µs a few calls later."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    async def start(self, server) -> None:
+        if self.service.model is not None:
+            try:
+                await self.service.warm_up(self.service.model)
+            except Exception as exc:   # noqa: BLE001 - only speed is at stake
+                log.warning("warm-up before READY failed (serving anyway): %r", exc)
+
+    async def stop(self) -> None:
+        pass
+
+
 def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
     """Run an edge node until SIGTERM; returns the exit status (0 after a clean drain, 2 when it cannot start).
 
@@ -338,6 +358,7 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
             swapper.on_swap.append(ann.changed)
             components.append(ann)
         components.append(MetricsEndpoint(metrics, cfg["metrics"]["host"], cfg["metrics"]["port"]))
+        components.append(WarmBeforeReady(service))   # last: just before READY=1
         daemon = Daemon(methods, metrics, host=srv["host"], port=port, unix=unix, sockets=sockets,
                         components=components, reload=reload, on_shutdown=[shutdown],
                         drain_timeout=srv["drain_seconds"],

@@ -11,8 +11,10 @@ is exactly the filtered top ``k`` (same scores, ties by the lower row, as in one
 When requests are batched (``Batcher``): a request that arrives while others arrived in the same event-loop turn
 (or in the turn before) waits for the end of that turn, so every request already read from the sockets joins
 (``wait_us`` > 0 waits that long for more; 0, the default, adds no wait: batches form from what arrived together).
-A lone request is scored at once, on the loop or in a thread as before. With scoring threads, at most one batch
-per thread is in flight; requests arriving meanwhile form the next batch (the busier, the larger).
+A lone request is scored at once, on the loop or in a thread as before (never held for ``wait_us``). With scoring
+threads, at most one batch per thread is in flight; requests arriving meanwhile form the next batch (the busier,
+the larger). A heavy request (``Service.recommend_now``: large k or exclusion list, many categories) takes its
+batch to a scoring thread even when the model is small enough to score on the loop.
 """
 from __future__ import annotations
 
@@ -174,6 +176,7 @@ class Batcher:
         self.pending: list[Job] = []
         self.in_flight = 0
         self._scheduled = False
+        self._heavy = False     # a heavy job is pending: the next flush goes to a thread
         self._turn_open = False
         self._turn = 0
         self._last_turn = 0
@@ -197,20 +200,27 @@ class Batcher:
         self._last_turn, self._turn_open = self._turn, False
         self._last_end = asyncio.get_running_loop().time()
 
-    def add(self, job: Job) -> None:
-        """Queue ``job``; its ``done`` is called on the loop once its batch is scored."""
+    def add(self, job: Job, hold: bool = True, on_loop: bool = True) -> None:
+        """Queue ``job``; its ``done`` is called on the loop once its batch is scored. ``hold``: requests are
+        arriving together (``concurrent``), so the batch may wait ``wait_us`` for more (so it may when other
+        requests are queued or being scored); a lone one is flushed at the end of this loop turn. ``on_loop`` False: this job is heavy, its batch goes to a scoring thread even when
+        ``inline`` says the loop."""
+        hold = hold or self.in_flight > 0 or bool(self.pending)   # others in progress: not alone either
         self.pending.append(job)
+        if not on_loop:
+            self._heavy = True
         if not self._scheduled:
             self._scheduled = True
             loop = asyncio.get_running_loop()
-            if self.wait_s > 0:
+            if hold and self.wait_s > 0:
                 loop.call_later(self.wait_s, self._flush)
             else:
                 loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
-        inline = self.inline()
+        heavy, self._heavy = self._heavy, False
+        inline = self.inline() and not heavy
         while self.pending and (inline or self.in_flight < self.threads):
             batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
             if len(batch) > 1:
@@ -226,6 +236,8 @@ class Batcher:
                 continue
             self.in_flight += 1
             fut.add_done_callback(lambda f, batch=batch: self._scored(batch, f))
+        if self.pending and heavy:   # left for a thread to free up: still not for the loop
+            self._heavy = True
 
     def _scored(self, batch: list[Job], f: asyncio.Future) -> None:
         self.in_flight -= 1

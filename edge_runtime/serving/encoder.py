@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .. import const
 from ..errors import BundleError
 
 ort.disable_telemetry_events()   # and ORT_DISABLE_TELEMETRY=1 before the import (edge_runtime/__init__.py)
@@ -22,6 +23,8 @@ ort.disable_telemetry_events()   # and ORT_DISABLE_TELEMETRY=1 before the import
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
+# in onnxruntime's list of every build but computes nothing locally (it forwards to an Azure endpoint)
+REMOTE = frozenset({"AzureExecutionProvider"})
 _configured: tuple[str, ...] = (CPU,)
 _warned: set[tuple[str, ...]] = set()
 
@@ -38,10 +41,16 @@ def configure_providers(providers: Sequence[str]) -> None:
 
 
 def _checked(providers: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(providers, str) or not all(isinstance(p, str) and p.strip() for p in providers):
-        raise ValueError(f"execution providers must be a list of ONNX Runtime provider names, got {providers!r}")
+    if isinstance(providers, str) or not isinstance(providers, (list, tuple)):
+        raise ValueError(f"execution providers must be a list of ONNX Runtime provider names, got "
+                         f"{type(providers).__name__}")
     if not providers:
         raise ValueError("execution providers: the list is empty; name at least one (e.g. CPUExecutionProvider)")
+    if len(providers) > const.MAX_PROVIDERS:
+        raise ValueError(f"execution providers: {len(providers)} names; at most {const.MAX_PROVIDERS}")
+    if not all(isinstance(p, str) and p.strip() and len(p) <= const.MAX_PROVIDER_CHARS for p in providers):
+        raise ValueError(f"execution providers must be ONNX Runtime provider names (non-empty strings of at most "
+                         f"{const.MAX_PROVIDER_CHARS} characters), got {str(list(providers))[:200]}")
     return tuple(p.strip() for p in providers)
 
 
@@ -56,6 +65,12 @@ def pick_provider(providers: Sequence[str] | None = None) -> str:
     wanted = _configured if providers is None else _checked(providers)
     available = ort.get_available_providers()
     for p in wanted:
+        if p in REMOTE:
+            if ("remote", p) not in _warned:
+                _warned.add(("remote", p))
+                log.warning("execution provider %s runs nothing on this machine (it calls a cloud endpoint); "
+                            "skipped", p)
+            continue
         if p in available:
             return p
     if wanted not in _warned:

@@ -243,7 +243,9 @@ class Service:
     async def warm_up(self, model: Model) -> None:
         """Make the first real request cost what the next ones do (it cost 2x before: each path below does one-time
         work on its first run). Run by the swap path after the swap and its memory release (which would hand back
-        pages warmed before it). Through ``recommend``: the encoder at the full window
+        pages warmed before it). The encoder once at every window length (ONNX Runtime plans its memory per input
+        shape: a length met for the first time cost ~20 µs more, measured). Through ``recommend``: the encoder at the
+        full window
         (``model.max_len`` items) with the scan's exclude list (``exclude_seen``); a ``user`` request (the result
         cache, the popularity scan with an exclude filter; no session is created, its cache entry is dropped and
         the cache's hit / miss counters are restored); a history of an unknown id (ignored, the popularity scan);
@@ -258,7 +260,10 @@ class Service:
         top = np.argsort(-model.popularity[:model.bundle_items], kind="stable")
         rows = top[:min(model.max_len, const.MAX_HISTORY_IDS)][::-1].tolist()   # oldest first: the most popular last
         window = [model.item_ids[r] for r in rows]
-        user, hits, misses = "edgerec.warm-up", self.cache.hits, self.cache.misses
+        for n in range(1, len(rows) + 1):   # every window length once: ONNX Runtime plans memory per input shape
+            model.encode(rows[-n:])
+        user = "edgerec.warm-up"
+        self.cache.uncounted = self.key(user)   # its lookups stay out of the hit / miss counters
         warm = [{"history": window, "k": const.CHECK_K},
                 {"user": user, "k": const.CHECK_K, "filters": {"exclude": window[-1:]}},
                 {"history": [user], "k": const.CHECK_K}]   # an id the model does not know: ignored, popularity
@@ -274,7 +279,7 @@ class Service:
                 await self.recommend(p)
         finally:
             self.cache.invalidate(self.key(user))
-            self.cache.hits, self.cache.misses = hits, misses
+            self.cache.uncounted = None
         if self._inline(model):
             return
         n = self.batcher.threads
@@ -382,13 +387,16 @@ class Service:
             rows = [r for r in rows if r < model.bundle_items]
         finish = (model, bool(rows), ignored, user, cache_key, session.version if session else 0)
         job = Job(model, rows, k, excl_rows, categories, self._stock_bits, None)
-        inline = self._inline(model)
-        if inline and not self.batcher.concurrent():   # a lone request on the loop: no future, no batch
+        together = self.batcher.concurrent()
+        # a heavy request (large k or exclusion list, many categories) goes to a thread even for a small model: on
+        # the loop it would hold every other connection for its milliseconds
+        light = k + len(excl_rows) <= const.BATCH_MAX_FETCH and len(categories or ()) <= const.INLINE_MAX_CATEGORIES
+        if light and self._inline(model) and not together:   # a lone request on the loop: no future, no batch
             scored = score_one(job, self._allow_mask(model, categories, job.stock_bits), self.clock)
             return self._result(scored, *finish)
         out = asyncio.get_running_loop().create_future()
         job.done = future_done(out, lambda scored: self._result(scored, *finish))
-        self.batcher.add(job)
+        self.batcher.add(job, hold=together, on_loop=light)
         return out
 
     def _score_jobs(self, jobs: list[Job]) -> list:

@@ -100,17 +100,19 @@ class ResultCache:
         self.weight = 0
         self.hits = 0
         self.misses = 0
+        self.uncounted: str | None = None   # a user whose lookups are not counted (the swap path's warm-up)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, user: str, params: Hashable, session_version: int, model_version: str) -> dict | None:
         hit = self._entries.get((user, params))
+        counted = user != self.uncounted
         if hit is not None and hit[0] == session_version and hit[1] == model_version:
             self._entries.move_to_end((user, params))
-            self.hits += 1
+            self.hits += counted
             return hit[2]
-        self.misses += 1
+        self.misses += counted
         return None
 
     def put(self, user: str, params: Hashable, session_version: int, model_version: str, result: dict) -> None:

@@ -589,6 +589,10 @@ def test_zeroconf_fleet_on_loopback(tmp_path, tiny_bundle, keys):
         fc = FleetClient(loopback_only=True, timeout=5)
         try:
             found = fc.wait_for(2, timeout=10)
+            strays = sorted(set(found) - {"n1", "n2"})
+            assert not strays, (f"other edgerec nodes announce on loopback {strays}: this test routes over every node "
+                                f"it discovers; stop them (an `edgerec serve` left running?) or start them with "
+                                f"--no-discovery")
             assert set(found) == {"n1", "n2"}
             homes = {}
             for u in ("alice", "bob", "carol", "dave", "erin", "frank"):

@@ -179,7 +179,8 @@ def test_concurrent_socket_clients_get_their_lone_replies(daemon, tiny_bundle):
 
 
 def test_a_batch_waits_batch_wait_us_for_more(model):
-    """With batch_wait_us, requests arriving in later loop turns within the wait join the first one's batch."""
+    """With batch_wait_us, requests arriving in later loop turns, while others are being scored, wait for each
+    other and form one batch."""
     service = serve(model, "never", batch_wait_us=50_000)
 
     async def go():
@@ -198,4 +199,36 @@ def test_a_batch_waits_batch_wait_us_for_more(model):
     finally:
         service.executor.shutdown(wait=True)
     assert got == alone
-    assert batches == 1 and batched == 6
+    # the first is alone (nothing else queued or in flight: not held); the rest arrive while it is being scored,
+    # so their batch waits and takes them all
+    assert batches == 1 and batched == 5
+
+
+def test_heavy_requests_leave_the_loop_and_lone_ones_are_not_held(model):
+    """On a model scored on the loop, a heavy request (k + exclusions over BATCH_MAX_FETCH) is scored in a thread
+    (a future, same reply as a lone light path would give by definition of the scan); and with batch_wait_us set, a
+    lone request on the thread path is not held for the wait."""
+    import time
+
+    service = serve(model, "always", batch_wait_us=200_000)
+    ids = model.item_ids
+
+    async def go():
+        await asyncio.sleep(0.025)
+        light = service.recommend_now({"history": [ids[1], ids[2]], "k": 10})
+        await asyncio.sleep(0.025)
+        heavy = service.recommend_now({"history": [ids[1], ids[2]], "k": const.BATCH_MAX_FETCH})
+        assert isinstance(light, dict) and isinstance(heavy, asyncio.Future)
+        heavy = await heavy
+        assert heavy["items"][:10] == light["items"] and heavy["scores"][:10] == light["scores"]
+        service.score_inline = "never"
+        await asyncio.sleep(0.025)
+        t0 = time.perf_counter()
+        await service.recommend({"history": [ids[3]], "k": 10})
+        return time.perf_counter() - t0
+
+    try:
+        lone_s = asyncio.run(go())
+    finally:
+        service.executor.shutdown(wait=True)
+    assert lone_s < 0.2   # not held for the 200 ms wait (it takes ~1 ms)

@@ -37,11 +37,22 @@ def test_config_validates_the_provider_list(tmp_path):
     for text, env in (('[model]\nproviders = []\n', {}), ('[model]\nproviders = [1]\n', {}),
                       ('[model]\nproviders = ["", "CPUExecutionProvider"]\n', {}), ("", {"EDGEREC_MODEL_PROVIDERS": ""})):
         f.write_text(text)
-        with pytest.raises(config_mod.ConfigError, match=r"model\.providers = .*non-empty list"):
+        with pytest.raises(config_mod.ConfigError, match=r"model\.providers = .*list of 1 to 16"):
             config_mod.load(f, env=env)
-    for bad in ([], [""], "CPUExecutionProvider", [3]):
+    f.write_text("[model]\nproviders = [" + ", ".join(['"P%d"' % i for i in range(17)]) + "]\n")   # over the bound
+    with pytest.raises(config_mod.ConfigError, match="list of 1 to 16"):
+        config_mod.load(f, env={})
+    for bad in ([], [""], "CPUExecutionProvider", [3], ["X"] * 17, ["X" * 65]):
         with pytest.raises(ValueError, match="execution providers"):
             encoder_mod.configure_providers(bad)
+
+
+def test_a_provider_that_computes_nothing_here_is_skipped(caplog):
+    """AzureExecutionProvider is in the PyPI build's list but forwards to a cloud endpoint: skipped, with a warning."""
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.serving.encoder"):
+        assert encoder_mod.pick_provider(["AzureExecutionProvider", "CPUExecutionProvider"]) == "CPUExecutionProvider"
+    assert any("AzureExecutionProvider" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records) \
+        or ("remote", "AzureExecutionProvider") in encoder_mod._warned   # warned once per process already
 
 
 def test_first_available_provider_wins_and_absent_ones_warn_once(tiny_bundle, caplog):
