@@ -203,8 +203,8 @@ class Batcher:
     def add(self, job: Job, hold: bool = True, on_loop: bool = True) -> None:
         """Queue ``job``; its ``done`` is called on the loop once its batch is scored. ``hold``: requests are
         arriving together (``concurrent``), so the batch may wait ``wait_us`` for more (so it may when other
-        requests are queued or being scored); a lone one is flushed at the end of this loop turn. ``on_loop`` False: this job is heavy, its batch goes to a scoring thread even when
-        ``inline`` says the loop."""
+        requests are queued or being scored); a lone one is flushed at the end of this loop turn. ``on_loop``
+        False: this job is heavy, its batch goes to a scoring thread even when ``inline`` says the loop."""
         hold = hold or self.in_flight > 0 or bool(self.pending)   # others in progress: not alone either
         self.pending.append(job)
         if not on_loop:
@@ -231,7 +231,8 @@ class Batcher:
                 continue
             try:
                 fut = asyncio.get_running_loop().run_in_executor(self.executor, self.score, batch)
-            except RuntimeError as exc:   # the executor is shut down: these requests get an error, not silence
+            except RuntimeError:   # the executor is shut down: these requests get an error, not silence
+                exc = EdgeRuntimeError("request cancelled: the daemon is shutting down")
                 self._deliver(batch, [(None, exc)] * len(batch))
                 continue
             self.in_flight += 1
