@@ -63,6 +63,19 @@ HTTP_TIMEOUT_S = const.HTTP_TIMEOUT_SECONDS
 _TEXT = b"text/plain; charset=utf-8"
 
 
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """An HTTP request head up to its blank line, lines ending in CRLF or in a bare LF (RFC 9112 2.2 lets a server
+    accept either). Raises ValueError past ``const.HTTP_HEAD_BYTES``, IncompleteReadError when the peer closes first."""
+    head = bytearray()
+    while True:
+        line = await reader.readuntil(b"\n")   # at most the stream limit (8 KiB) per line, else LimitOverrunError
+        head += line
+        if len(head) > const.HTTP_HEAD_BYTES:
+            raise ValueError("request head too large")
+        if line in (b"\r\n", b"\n"):
+            return bytes(head)
+
+
 class _ServiceCollector:
     def __init__(self, service, sync=None):
         self.service, self.sync = service, sync
@@ -229,30 +242,39 @@ class Metrics:
         """HTTP on host:port, served by the daemon's event loop: ``GET /metrics``, the Prometheus text exposition
         (prometheus_client renders it: ``generate_latest``); ``GET /``, the status page (HTML, ``ops/status.py``);
         ``GET /status.json[?window=SECONDS]``, its figures (``status.status``). At most ``MAX_HTTP_CONNECTIONS``
-        at once, 5 s to send a request head of at most 8 KiB, one response per connection; HEAD too. Other
+        at once (at the cap, the one that has waited longest for its request head is closed for the newcomer),
+        5 s to send a request head of at most 8 KiB (CRLF or LF lines), one response per connection; HEAD too. Other
         methods get 405, other paths 404, a bad query 400, a head over 8 KiB or not sent in time a closed
         connection."""
         self._http_active = 0
+        self._http_waiting: dict[asyncio.StreamWriter, None] = {}   # connections still sending their head, oldest first
         self.http = await asyncio.start_server(self._handle_http, host, port, limit=const.HTTP_HEAD_BYTES,
                                                reuse_address=True)
 
     async def _handle_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._http_active >= MAX_HTTP_CONNECTIONS:
-            writer.close()
-            return
+            if not self._http_waiting:   # every slot is answering: the newcomer waits for none of them
+                writer.close()
+                return
+            # the slot of the connection that has waited longest for its request head (idle or trickling) goes to
+            # the newcomer, so idle sockets cannot keep scrapes out (its handler ends on the closed transport)
+            oldest = next(iter(self._http_waiting))
+            self._http_waiting.pop(oldest)
+            oldest.transport.abort()
         self._http_active += 1
+        self._http_waiting[writer] = None
         try:
             parts: list[bytes] = []
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_TIMEOUT_S)
-            except asyncio.IncompleteReadError:   # closed before the head ended: nobody to answer
+                head = await asyncio.wait_for(_read_head(reader), HTTP_TIMEOUT_S)
+            except (asyncio.IncompleteReadError, ConnectionError):   # closed before the head ended: nobody to answer
                 return
             except (asyncio.LimitOverrunError, ValueError):
                 status, body, ctype = b"431 Request Header Fields Too Large", b"request head over 8 KiB\n", _TEXT
             except asyncio.TimeoutError:
                 status, body, ctype = b"408 Request Timeout", b"request head not sent within 5 s\n", _TEXT
             else:
-                parts = head.split(b"\r\n", 1)[0].split()
+                parts = head.split(b"\n", 1)[0].split()
                 try:
                     status, body, ctype = self._http_response(parts)
                 except Exception:   # a fault in a page must not take the endpoint (or the node) down
@@ -268,6 +290,7 @@ class Metrics:
         except (asyncio.TimeoutError, ConnectionError):
             pass
         finally:
+            self._http_waiting.pop(writer, None)
             self._http_active -= 1
             writer.close()
 

@@ -280,6 +280,28 @@ def test_bad_requests_get_a_4xx_and_the_node_keeps_serving(node):
     assert _get(mport, "/status.json")[0] == 200 and b"edgerec_requests_total" in _get(mport, "/metrics")[2]
 
 
+def test_idle_sockets_cannot_keep_scrapes_out_and_lf_heads_are_read(node):
+    """Sockets holding every slot of the endpoint without sending a head are closed, oldest first, for new
+    scrapes; a head whose lines end in a bare LF is answered like a CRLF one."""
+    from edge_runtime import const
+
+    mport = node["mport"]
+    idle = [socket.create_connection(("127.0.0.1", mport), timeout=10) for _ in range(const.MAX_HTTP_CONNECTIONS + 4)]
+    try:
+        time.sleep(0.2)
+        for _ in range(3):
+            t0 = time.monotonic()
+            code, _, body = _get(mport, "/metrics")
+            assert code == 200 and b"edgerec_requests_total" in body
+            assert time.monotonic() - t0 < 2.0     # not after the idle ones' 5 s head timeout
+        idle[0].settimeout(5)
+        assert idle[0].recv(1) == b""              # the oldest idle socket was closed for a newcomer
+    finally:
+        for sock in idle:
+            sock.close()
+    assert _raw(mport, b"GET /metrics HTTP/1.1\nHost: x\n\n").startswith(b"HTTP/1.1 200 ")
+
+
 # ------------------------------------------------------------------------------------------------ headless Chromium
 def _chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
