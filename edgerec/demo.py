@@ -4,10 +4,7 @@ popularity list on held-out shoppers through the daemon, then shut the daemon do
 from __future__ import annotations
 
 import os
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -20,36 +17,7 @@ from trainer.config import TrainConfig
 from trainer.evaluate import metrics_from_ranks
 from trainer.pipeline import run
 
-from .process import free_port, start_daemon, stop_daemon
-
-
-def start_ready(bundle: str | os.PathLike, port: int, extra: list[str] | None = None,
-                log_path: str | os.PathLike | None = None, timeout: float = 60.0,
-                env: dict | None = None) -> subprocess.Popen:
-    """``process.start_daemon``, returning only once the daemon has sent ``READY=1`` (sd_notify(3): one datagram to
-    ``$NOTIFY_SOCKET``, here a Unix socket this process binds), which it does after its warm-up and its start-up
-    components (zeroconf announcements probe for ~1.5 s), as systemd waits for it; ``health`` answers 'ok' as soon
-    as the listener is bound, before that. ``env``: the daemon's environment (default: this one's).
-
-    Raises:
-        RuntimeError: the daemon exited, or did not answer or say READY within ``timeout`` s (it is killed).
-    """
-    with tempfile.TemporaryDirectory(prefix="edgerec-notify-") as d, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(os.path.join(d, "notify"))
-        proc = start_daemon(bundle, port, extra, timeout=timeout, log_path=log_path,
-                            env=dict(os.environ if env is None else env, NOTIFY_SOCKET=os.path.join(d, "notify")))
-        deadline = time.monotonic() + timeout
-        sock.settimeout(0.2)
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if "READY=1" in sock.recv(4096).decode(errors="replace").splitlines():
-                    return proc
-            except socket.timeout:
-                continue
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"daemon did not say READY=1 within {timeout} s (exit status {proc.returncode})")
+from .process import free_port, start_ready, stop_daemon
 
 
 def _timed(c: Client, **params) -> tuple[dict, float]:

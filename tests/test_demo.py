@@ -12,7 +12,8 @@ import pytest
 
 from edge_runtime.client import Client
 from edge_runtime.serving.model import Model
-from edgerec.demo import held_out_quality, start_ready
+from edgerec.demo import held_out_quality
+from edgerec.process import start_ready
 from edgerec.process import free_port, stop_daemon
 from trainer.evaluate import evaluate, metrics_from_ranks, target_ranks
 from trainer.scorers import onnx_score_fn

@@ -366,11 +366,7 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
                         stalled_frame_seconds=srv["stalled_frame_seconds"], idle_seconds=srv["idle_seconds"],
                         **guard.server_options)
         state["daemon"] = daemon
-        # every method's request and latency series exist from the start (at 0): the first request of a method does
-        # not pay for creating them (measured ~60 µs), and a scrape shows them before any traffic
-        for name in methods:
-            metrics.requests.labels(name)
-            metrics.latency.labels(name)
+        metrics.declare_methods()   # every method's series from the start (see there)
         # Everything loaded so far (model, id index, restored sessions) lives for the whole run: moved out of the
         # collector's generations, a full collection no longer walks it; and the young generation is collected
         # every GC_THRESHOLDS[0] allocations instead of 700 (the request path makes few cycles). Measured on

@@ -45,6 +45,13 @@ class Job:
         self.model, self.rows, self.k, self.exclude = model, rows, k, exclude
         self.categories, self.stock_bits, self.done = categories, stock_bits, done
 
+    @property
+    def shareable(self) -> bool:
+        """Whether a shared scan may serve it: k + its exclusions at most ``const.BATCH_MAX_FETCH`` (a long
+        exclusion list would make the shared heap slow for everyone; such a request is also too heavy for the
+        event loop, ``Service.recommend_now``)."""
+        return self.k + len(self.exclude) <= const.BATCH_MAX_FETCH
+
 
 class StageClock:
     """Time spent in the encoder and in the scan (calls, queries, seconds), summed since start: what the daemon's
@@ -98,7 +105,7 @@ def score_jobs(jobs: Sequence[Job], allow_mask: Callable[[Any, Any, Any], Any],
     out: list[tuple[Any, BaseException | None]] = [(None, None)] * len(jobs)
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
-        if job.rows and job.k + len(job.exclude) <= const.BATCH_MAX_FETCH:
+        if job.rows and job.shareable:
             groups.setdefault((id(job.model), job.categories, id(job.stock_bits)), []).append(i)
         else:
             groups[("alone", i)] = [i]

@@ -390,7 +390,7 @@ class Service:
         together = self.batcher.concurrent()
         # a heavy request (large k or exclusion list, many categories) goes to a thread even for a small model: on
         # the loop it would hold every other connection for its milliseconds
-        light = k + len(excl_rows) <= const.BATCH_MAX_FETCH and len(categories or ()) <= const.INLINE_MAX_CATEGORIES
+        light = job.shareable and len(categories or ()) <= const.INLINE_MAX_CATEGORIES
         if light and self._inline(model) and not together:   # a lone request on the loop: no future, no batch
             scored = score_one(job, self._allow_mask(model, categories, job.stock_bits), self.clock)
             return self._result(scored, *finish)
@@ -411,7 +411,7 @@ class Service:
 
     def _inline(self, model: Model) -> bool:
         mode = self.score_inline
-        return mode == "always" or (mode == "auto" and getattr(model, "score_us", 1e9) <= const.INLINE_SCORE_US)
+        return mode == "always" or (mode == "auto" and model is not None and model.score_us <= const.INLINE_SCORE_US)
 
     def _result(self, scored: tuple, model: Model, known: bool, ignored: list[str], user: str | None,
                 cache_key: bytes | None, session_version: int) -> dict:
