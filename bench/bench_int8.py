@@ -7,8 +7,9 @@ Starting from the bundle's float32 ONNX encoder (``encoder.onnx``), it builds
 * ``ort-default``: ONNX Runtime dynamic quantization with optimum's default operator list (what a user gets from
   ``AutoQuantizationConfig.avx2(is_static=False)``): MatMuls int8 and the item-embedding ``Gather`` table uint8
   with one scale for the whole table;
-* ``edgerec``: ``trainer.export.quantize_int8`` (the table int8 with per-row scales, MatMuls int8), what
-  ``edgerec train`` ships;
+* ``edgerec``: ``trainer.export.quantize_int8`` (the table int8 with per-row scales, MatMuls float32: batch-exact),
+  what ``edgerec train`` ships;
+* ``edgerec-dynamic``: the same table with the MatMuls int8 by dynamic quantization (``int8_matmuls = "dynamic"``);
 
 and evaluates fp32 / each int8 encoder with the float32 and with the int8 item matrix through trainer.evaluate
 (leave-one-out, full ranking, history masked; an int8 encoder gets one user per call, as served), reporting
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
         encoders["ort-default"] = work / "ort-default.onnx"
         quantize_int8(b / fmt.ENCODER_FP32, work / "edgerec.onnx")
         encoders["edgerec"] = work / "edgerec.onnx"
+        quantize_int8(b / fmt.ENCODER_FP32, work / "edgerec-dynamic.onnx", matmuls="dynamic")
+        encoders["edgerec-dynamic"] = work / "edgerec-dynamic.onnx"
         rows = []
         for name, path in encoders.items():
             lat = encoder_latency_us(path, ctx)

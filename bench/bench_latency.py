@@ -9,6 +9,7 @@ real session lengths. In the same run:
 * in this process, the ONNX encoder call alone and the exact top-k scan alone (int8 and fp32), same contexts,
   back to back, and (int8) after 50 µs asleep before each call: what a lone request meets, as the daemon blocks on
   its sockets between requests (on a VM whose idle vCPUs halt, the encoder call measured 46 -> 90 µs that way);
+  and, with a batch-exact encoder, batched encoder calls of 4 and 8 of the contexts (µs per session);
 * the floor: ``--serve-floor`` (this file, as a subprocess: asyncio's default loop, and uvloop where installed)
   answers every request with a fixed reply as large as the daemon's ``recommend`` reply, driven by the same
   clients: what a Python socket server costs before it does any work;
@@ -203,6 +204,14 @@ def main(argv=None) -> int:
         results[f"scan_{name}"] = time_calls(
             lambda u, r, m=m: scoring.topk(u, m.items, 10, item_scales=m.scales, exclude=np.asarray(r)),
             list(zip(users, rows)))
+    # Batched encoder calls (Model.encode_many: padded groups of similar lengths; a batch-exact encoder only),
+    # per session: what a batch of concurrent requests costs the encoder.
+    if model.batch_exact:
+        for size in (4, 8):
+            groups = [(rows[i:i + size],) for i in range(0, len(rows) - size + 1, size)]
+            r = time_calls(model.encode_many, groups)
+            results[f"encoder_int8_batch{size}"] = {key: (v / size if key.endswith("_us") else v)
+                                                    for key, v in r.items()}
     # The same calls after 50 µs asleep each (what a lone request meets: the daemon was blocked on its socket).
     users = [model.encode(r) for r in rows]
     results["encoder_int8_after_idle"] = time_calls(model.encode, [(r,) for r in rows], idle_s=IDLE_S)
@@ -261,7 +270,7 @@ def main(argv=None) -> int:
         print(f"recommend c{c} inside the daemon: encoder {r['daemon_encoder_us_per_request']:.1f} µs + scan "
               f"{r['daemon_scan_us_per_request']:.1f} µs + its own path {r['daemon_own_path_us_per_request']:.1f} µs "
               f"= CPU {r['server_cpu_us_per_request']:.1f} µs per request; {r['batched_requests']} of {r['n']} "
-              f"requests in {r['batches']} batches")
+              f"requests in {r['batches']} batches, {r['encoder_calls']} encoder calls")
     results["targets"] = targets(results)
     for t in results["targets"]:
         print(f"  {'PASS' if t['ok'] else 'FAIL'}  {t['what']}: {t['measured']:.1f} vs {t['bound']:.1f}")
@@ -280,6 +289,7 @@ def in_daemon(before: dict, after: dict, case: dict) -> dict:
     scan = (after["scan_seconds"] - before["scan_seconds"]) * 1e6 / n
     return {"daemon_encoder_us_per_request": enc, "daemon_scan_us_per_request": scan,
             "daemon_own_path_us_per_request": case["server_cpu_us_per_request"] - enc - scan,
+            "encoder_calls": after.get("encoder_runs", 0) - before.get("encoder_runs", 0),
             "batches": after["batches"] - before["batches"], "batched_requests": after["batched"] - before["batched"]}
 
 

@@ -97,6 +97,10 @@ SCORING_THREADS = 2          # threads that run encoder + scan; both release the
 # exclusion list would make the shared heap slow for everyone.
 BATCH_MAX_REQUESTS = 32
 BATCH_MAX_FETCH = 256
+# The warm-up's batched encoder shapes (a batch-exact encoder, Service.warm_up): 2 .. this many sessions, windows of
+# 1 .. WARM_BATCH_WINDOW items (112 calls, ~12 ms on the Beauty bundle; 9 of 10 Beauty contexts are that short).
+WARM_BATCH_SESSIONS = 8
+WARM_BATCH_WINDOW = 16
 # A request is scored on the event loop (a small model, INLINE_SCORE_US) only when it is light: k + its exclusions
 # at most BATCH_MAX_FETCH and at most this many categories; a heavier one (measured: k = 1000 with 1,000 exclusions
 # and 100 categories, ~5 ms) goes to a scoring thread, or it would hold every other connection meanwhile.

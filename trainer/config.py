@@ -52,6 +52,10 @@ class TrainConfig:
     device: str = "cpu"
     # export
     int8_check_users: int = 2000     # held-out users for the fp32 vs int8 top-10 agreement check
+    # the int8 encoder's Transformer MatMuls (its item-embedding table is int8 either way): "float" (batch-exact,
+    # the daemon encodes concurrent requests in one call) | "dynamic" (int8 dynamic quantization; one call per
+    # request), see trainer.export.quantize_int8
+    int8_matmuls: str = "float"
 
     def __post_init__(self):
         checks = [
@@ -63,6 +67,7 @@ class TrainConfig:
             (self.side_info in ("auto", "none", "attributes"), "side_info",
              "'auto', 'none' or 'attributes'"),
             (self.negatives in ("shared", "per_position"), "negatives", "'shared' or 'per_position'"),
+            (self.int8_matmuls in ("float", "dynamic"), "int8_matmuls", "'float' or 'dynamic'"),
             (0.0 < self.mask_prob < 1.0, "mask_prob", "in (0, 1)"),
             (self.max_len >= 1, "max_len", ">= 1"), (self.hidden >= 1, "hidden", ">= 1"),
             (self.blocks >= 1, "blocks", ">= 1"), (self.heads >= 1 and self.hidden % self.heads == 0, "heads",

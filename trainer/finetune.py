@@ -671,7 +671,7 @@ def finetune(checkpoint: str | os.PathLike, events: "EventSource | str | os.Path
     try:
         t1 = time.perf_counter()
         export_onnx(model.folded(), staged / fmt.ENCODER_FP32, tcfg.max_len)
-        quantize_int8(staged / fmt.ENCODER_FP32, staged / fmt.ENCODER_INT8)
+        quantize_int8(staged / fmt.ENCODER_FP32, staged / fmt.ENCODER_INT8, tcfg.int8_matmuls)
         items = model.item_embeddings().detach().cpu().numpy().astype(np.float32)
         q, scales = stage_arrays(staged, items, item_ids, popularity, grown_attrs, compose_arrays(model))
         detail["export_seconds"] = round(time.perf_counter() - t1, 3)
@@ -702,7 +702,7 @@ def finetune(checkpoint: str | os.PathLike, events: "EventSource | str | os.Path
             (serving_tmp / fmt.ENCODER_INT8).write_bytes(ck.encoder_int8)
         else:   # an older checkpoint without the served encoder: export the parent's weights the same way
             export_onnx(parent.folded(), serving_tmp / fmt.ENCODER_FP32, tcfg.max_len)
-            quantize_int8(serving_tmp / fmt.ENCODER_FP32, serving_tmp / fmt.ENCODER_INT8)
+            quantize_int8(serving_tmp / fmt.ENCODER_FP32, serving_tmp / fmt.ENCODER_INT8, tcfg.int8_matmuls)
         sq, ss = quantize_rows(serving_items)
         serving = ServedPath(Encoder(serving_tmp / fmt.ENCODER_INT8), sq, ss, popularity.astype(np.float32),
                              tcfg.max_len, encoder_items=n_old)

@@ -21,6 +21,29 @@ import torch
 from torch import nn
 
 
+def _attend_padding_exact(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(scores) @ v with the normalisation after the weighted sum: exp(s - max) @ [v, 1], then the value
+    columns divided by the last (the sum of the weights), as FlashAttention defers it (Dao et al., NeurIPS 2022,
+    arXiv:2205.14135). Equal to the softmax form up to float rounding.
+
+    What it buys (the form the encoder is exported and evaluated in): left padding and batching leave every real
+    position's output bit-identical. A padded key's weight is exp(-inf) = 0 exactly, the maximum is
+    order-independent, and a MatMul sums over keys in key order, so leading zero terms change no partial sum;
+    a fused Softmax instead sums its row in SIMD lanes whose assignment moves with the padding (measured: ONNX
+    Runtime's Softmax changed the last bits of 1 in 3 padded calls). So one encoder call for a padded batch of
+    shoppers gives each the vector it gets alone (``edge_runtime.serving.model.Model.batch_exact``).
+
+    Args:
+        scores: float [B, H, L, L], masked entries -inf (every row has at least one finite entry).
+        v: float [B, H, L, Dh].
+    Returns:
+        float [B, H, L, Dh].
+    """
+    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    o = e @ torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    return o[..., :-1] / o[..., -1:]
+
+
 class _Block(nn.Module):
     """One Transformer block.
 
@@ -56,9 +79,12 @@ class _Block(nn.Module):
         else:
             q, k, v = self.qkv(h).view(b, length, 3, self.heads, dh).permute(2, 0, 3, 1, 4)  # [B H L Dh]
         att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # [B H L L]
-        att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-        att = self.drop(att)
-        y = self.out((att @ v).transpose(1, 2).reshape(b, length, d))  # [B L D]
+        att = att.masked_fill(~allowed, float("-inf"))
+        if self.training:
+            y = self.drop(att.softmax(dim=-1)) @ v
+        else:
+            y = _attend_padding_exact(att, v)
+        y = self.out(y.transpose(1, 2).reshape(b, length, d))  # [B L D]
         if self.style == "sasrec":
             x = h + self.drop(y)
             f = self.ln_ffn(x)

@@ -109,7 +109,7 @@ def build_bundle(cfg: TrainConfig, data: data_mod.Interactions, result: TrainRes
     try:
         t0 = time.perf_counter()
         export_onnx(model.folded(), staged / fmt.ENCODER_FP32, cfg.max_len)
-        quantize_int8(staged / fmt.ENCODER_FP32, staged / fmt.ENCODER_INT8)
+        quantize_int8(staged / fmt.ENCODER_FP32, staged / fmt.ENCODER_INT8, cfg.int8_matmuls)
         export_s = time.perf_counter() - t0
         items = model.item_embeddings().detach().cpu().numpy().astype(np.float32)
         q, scales = stage_arrays(staged, items, data.item_ids, data.popularity(), data.item_attributes,

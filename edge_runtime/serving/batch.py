@@ -1,9 +1,12 @@
 """Concurrent ``recommend`` requests scored together: one batched scan per group of requests with the same filters.
 
-A request's scoring is a ``Job``: the encoder call stays per request (int8 dynamic quantization takes one activation
-scale per call, so one padded encoder call for a batch would change every vector: measured up to 0.05 apart on the
-Beauty bundle), and the scan of a group is one ``scoring.topk`` call with ``per_query=True``: each block of items
-is read from memory once for the whole group, and every query gets bit for bit what a scan of it alone returns.
+A request's scoring is a ``Job``. The sessions of a batch are encoded together when the model's encoder is
+batch-exact (``Model.batch_exact``: float MatMuls and the padding-exact attention of ``trainer.export``, checked at
+load): left-padded groups of similar window lengths, one encoder call each (``Model.encode_many``), every vector
+bit for bit that of a call with its session alone. An encoder with int8 dynamic quantization (one activation scale
+per call: a padded batch moved vectors by up to 0.05 on the Beauty bundle) encodes each request alone. The scan of
+a group is one ``scoring.topk`` call with ``per_query=True``: each block of items is read from memory once for the
+whole group, and every query gets bit for bit what a scan of it alone returns.
 Each request's own exclusions (its seen items, ``filters.exclude``) are not shared, so the group's scan keeps the
 top ``k + |exclude|`` of each query and drops that request's excluded items after: the top ``k`` of what remains
 is exactly the filtered top ``k`` (same scores, ties by the lower row, as in one scan with the exclusion inside).
@@ -59,24 +62,27 @@ class StageClock:
     by one thread at a time per stage in practice, and a lost update only blurs a statistic."""
 
     def __init__(self):
-        self.encode_calls = 0
+        self.encode_calls = 0     # sessions encoded
+        self.encoder_runs = 0     # encoder calls (fewer than sessions when a batch is encoded together)
         self.encode_s = 0.0
         self.scan_calls = 0
         self.scan_queries = 0
         self.scan_s = 0.0
 
     def snapshot(self) -> dict:
-        """{encode_calls, encode_seconds, encode_us (mean µs per call), scan_calls, scan_queries, scan_seconds,
-        scan_us_per_query}."""
-        return {"encode_calls": self.encode_calls, "encode_seconds": self.encode_s, "scan_seconds": self.scan_s,
+        """{encode_calls (sessions encoded), encoder_runs (encoder calls), encode_seconds, encode_us (mean µs per
+        session), scan_calls, scan_queries, scan_seconds, scan_us_per_query}."""
+        return {"encode_calls": self.encode_calls, "encoder_runs": self.encoder_runs,
+                "encode_seconds": self.encode_s, "scan_seconds": self.scan_s,
                 "encode_us": self.encode_s * 1e6 / self.encode_calls if self.encode_calls else None,
                 "scan_calls": self.scan_calls, "scan_queries": self.scan_queries,
                 "scan_us_per_query": self.scan_s * 1e6 / self.scan_queries if self.scan_queries else None}
 
 
-def score_one(job: Job, allow, clock: StageClock) -> tuple[np.ndarray, np.ndarray]:
-    """One request: encoder + exact top-k scan with the exclusions inside; no known context -> the popularity list
-    through the same scan (filters apply to it too). Returns (ids int64 [k'], scores float32 [k'])."""
+def score_one(job: Job, allow, clock: StageClock, u: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One request: encoder (unless ``u``, its user vector float32 [d], is given) + exact top-k scan with the
+    exclusions inside; no known context -> the popularity list through the same scan (filters apply to it too).
+    Returns (ids int64 [k'], scores float32 [k'])."""
     model = job.model
     excl = job.exclude or None   # a list: sorted and deduplicated by the scan
     t0 = time.perf_counter()
@@ -86,15 +92,42 @@ def score_one(job: Job, allow, clock: StageClock) -> tuple[np.ndarray, np.ndarra
         clock.scan_calls += 1
         clock.scan_queries += 1
         return out
-    u = model.encode(job.rows)
+    if u is None:
+        u = model.encode(job.rows)
+        clock.encode_calls += 1
+        clock.encoder_runs += 1
+        clock.encode_s += time.perf_counter() - t0
     t1 = time.perf_counter()
     out = scoring.topk_served(u, model.items, job.k, model.scales, excl, allow)   # items checked at load
-    clock.encode_s += t1 - t0
     clock.scan_s += time.perf_counter() - t1
-    clock.encode_calls += 1
     clock.scan_calls += 1
     clock.scan_queries += 1
     return out
+
+
+def encode_jobs(jobs: Sequence[Job], clock: StageClock) -> dict[int, np.ndarray]:
+    """User vectors float32 [d] of the jobs with a context whose model is batch-exact and shared by another job,
+    encoded together (``Model.encode_many``), by job index; the others are encoded where they are scored. A
+    failing batch call leaves its jobs to be encoded alone, so only a session that fails by itself fails."""
+    by_model: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        if job.rows and job.model.batch_exact:
+            by_model.setdefault(id(job.model), []).append(i)
+    vectors: dict[int, np.ndarray] = {}
+    for members in by_model.values():
+        if len(members) < 2:
+            continue
+        model = jobs[members[0]].model
+        t0 = time.perf_counter()
+        try:
+            users, calls = model.encode_many([jobs[i].rows for i in members])
+        except Exception:  # noqa: BLE001 - each job is encoded alone, and reports its own error
+            continue
+        clock.encode_s += time.perf_counter() - t0
+        clock.encode_calls += len(members)
+        clock.encoder_runs += calls
+        vectors.update(zip(members, users))
+    return vectors
 
 
 def score_jobs(jobs: Sequence[Job], allow_mask: Callable[[Any, Any, Any], Any],
@@ -103,6 +136,7 @@ def score_jobs(jobs: Sequence[Job], allow_mask: Callable[[Any, Any, Any], Any],
     (a lone one, the popularity list, k + |exclude| above ``const.BATCH_MAX_FETCH``) are scored alone. Returns,
     per job in order, ((ids, scores), None) or (None, the exception its scoring raised)."""
     out: list[tuple[Any, BaseException | None]] = [(None, None)] * len(jobs)
+    vectors = encode_jobs(jobs, clock) if len(jobs) > 1 else {}
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         if job.rows and job.shareable:
@@ -119,28 +153,33 @@ def score_jobs(jobs: Sequence[Job], allow_mask: Callable[[Any, Any, Any], Any],
             continue
         if len(members) == 1:
             try:
-                out[members[0]] = (score_one(first, allow, clock), None)
+                out[members[0]] = (score_one(first, allow, clock, vectors.get(members[0])), None)
             except Exception as exc:  # noqa: BLE001
                 out[members[0]] = (None, exc)
             continue
-        _score_group([jobs[i] for i in members], members, allow, clock, out)
+        _score_group([jobs[i] for i in members], members, allow, clock, out, vectors)
     return out
 
 
-def _score_group(group: list[Job], members: list[int], allow, clock: StageClock, out: list) -> None:
+def _score_group(group: list[Job], members: list[int], allow, clock: StageClock, out: list,
+                 vectors: dict[int, np.ndarray]) -> None:
     model = group[0].model
     users = np.empty((len(group), model.dim), dtype=np.float32)
     encoded: list[int] = []
     t0 = time.perf_counter()
     for r, job in enumerate(group):
+        u = vectors.get(members[r])
         try:
-            users[len(encoded)] = model.encode(job.rows)
+            if u is None:
+                u = model.encode(job.rows)
+                clock.encode_calls += 1
+                clock.encoder_runs += 1
+            users[len(encoded)] = u
             encoded.append(r)
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
             out[members[r]] = (None, exc)
     t1 = time.perf_counter()
     clock.encode_s += t1 - t0
-    clock.encode_calls += len(group)
     if not encoded:
         return
     excluded = [set(group[r].exclude) for r in encoded]

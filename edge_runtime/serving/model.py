@@ -55,6 +55,43 @@ def check_model(model: "Model") -> float:
     return us
 
 
+def probe_batch_exact(model: "Model", rows: int = 24) -> tuple[bool, float]:
+    """Whether the encoder is batch-exact on this machine: ``rows`` sessions of lengths spread over 1..max_len
+    (fixed pseudo-random items), left-padded into one call (and the shorter half into a second call padded to
+    their own longest), give bit for bit the vectors of calls with each session alone. True for bundles exported
+    with float MatMuls and the padding-exact attention (``trainer.export.quantize_int8``); False for int8 dynamic
+    quantization (one activation scale per call) or kernels that sum in another order for another shape.
+
+    Also returns the fixed cost of an encoder call in tokens (the intercept over the slope of a lone call's µs
+    against its length, from the shortest and the longest window, best of 5 each; clamped to 1 .. 4 x max_len):
+    how much padding ``Model.encode_many`` accepts to save a call.
+    """
+    n = max(1, model.bundle_items)
+    rng = np.random.default_rng(0)
+    lengths = np.unique(np.linspace(1, model.max_len, min(rows, model.max_len)).round().astype(int))
+    seqs = [rng.integers(0, n, int(length)).tolist() for length in lengths]
+    lone = np.stack([model.encode(s) for s in seqs])
+    half = len(seqs) // 2
+    try:
+        exact = bool(np.array_equal(model.encode_padded(seqs), lone)
+                     and np.array_equal(model.encode_padded(seqs[:half]), lone[:half]))
+    except Exception:  # noqa: BLE001 - an encoder that takes no batches (onnxruntime's own error types)
+        exact = False
+    if len(seqs) < 2:
+        return exact, 1.0
+    best = []
+    for s in (seqs[0], seqs[-1]):   # the shortest and the longest window, each already met once (warm)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            model.encode(s)
+            times.append(time.perf_counter() - t0)
+        best.append(min(times))
+    slope = (best[1] - best[0]) / (len(seqs[-1]) - len(seqs[0]))
+    tokens = (best[0] / slope - len(seqs[0])) if slope > 0 else 4.0 * model.max_len
+    return exact, float(min(max(tokens, 1.0), 4.0 * model.max_len))
+
+
 def score_cost_us(model: "Model", calls: int = 5) -> float:
     """The median time in µs of one request's scoring (encoder on a one-item session + exact top-10 scan) over
     ``calls`` calls, measured at load: where a request is scored (``Service``: on the event loop when it is short,
@@ -82,6 +119,9 @@ class Model:
             node (``with_items``), ``num_added`` of them, whose ids and attributes ``added`` holds.
         attr_emb / id_mean: the bundle's compose arrays (float32 [V, d] / [d]), or None.
         provider: the ONNX Runtime execution provider the encoder runs on (``Encoder.provider``).
+        batch_exact: one encoder call for several sessions gives each its lone call's vector bit for bit
+            (``probe_batch_exact``, at load): ``encode_many`` then batches.
+        call_tokens: the fixed cost of an encoder call, in tokens of window (``probe_batch_exact``).
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, precision: str = "int8", verify: bool = True,
@@ -132,6 +172,7 @@ class Model:
         self._attr_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._attr_lock = threading.Lock()
         self.warmup_us = check_model(self)
+        self.batch_exact, self.call_tokens = probe_batch_exact(self)
         self.score_us = score_cost_us(self)
         self.load_seconds = time.perf_counter() - t0
 
@@ -265,6 +306,43 @@ class Model:
         tail = np.array(rows[-self.max_len:], dtype=np.int64).reshape(1, -1)
         tail += 1   # row r is the encoder's token r + 1 (0 pads)
         return self.encoder(tail)[0]
+
+    def encode_many(self, sessions: Sequence[Sequence[int]]) -> tuple[np.ndarray, int]:
+        """Several sessions (item rows, oldest first, at least one each) -> (user vectors float32 [B, d], row b bit
+        for bit ``encode(sessions[b])``; the number of encoder calls made).
+
+        With a batch-exact encoder (``batch_exact``), sessions are grouped by window length, longest first, a
+        session joining the current group while its padding costs fewer tokens than a call of its own
+        (``call_tokens``); each group is one left-padded encoder call. Otherwise one call per session.
+
+        Raises:
+            whatever the encoder raises (ONNX Runtime's own error types).
+        """
+        if not self.batch_exact or len(sessions) < 2:
+            return np.stack([self.encode(s) for s in sessions]), len(sessions)
+        order = sorted(range(len(sessions)), key=lambda b: -min(len(sessions[b]), self.max_len))
+        out = np.empty((len(sessions), self.dim), dtype=np.float32)
+        start = calls = 0
+        while start < len(order):
+            longest = min(len(sessions[order[start]]), self.max_len)
+            end = start + 1
+            while end < len(order) and longest - min(len(sessions[order[end]]), self.max_len) <= self.call_tokens:
+                end += 1
+            group = order[start:end]
+            out[group] = self.encode_padded([sessions[b] for b in group])
+            start, calls = end, calls + 1
+        return out, calls
+
+    def encode_padded(self, sessions: Sequence[Sequence[int]]) -> np.ndarray:
+        """One encoder call: the sessions' last ``max_len`` rows left-padded to the longest -> float32 [B, d] (bit
+        for bit each session's ``encode`` when ``batch_exact``)."""
+        tails = [s[-self.max_len:] for s in sessions]
+        width = max(len(t) for t in tails)
+        tokens = np.full((len(tails), width), -1, dtype=np.int64)
+        for b, t in enumerate(tails):
+            tokens[b, width - len(t):] = t
+        tokens += 1   # row r is the encoder's token r + 1, and -1 + 1 = 0 pads
+        return self.encoder(tokens)
 
     def attribute_mask(self, values: tuple[str, ...]) -> np.ndarray:
         """Packed allow-bitset of items having any of the attribute ``values`` (LRU-cached per value set)."""

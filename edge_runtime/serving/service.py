@@ -244,9 +244,9 @@ class Service:
         """Make the first real request cost what the next ones do (it cost 2x before: each path below does one-time
         work on its first run). Run by the swap path after the swap and its memory release (which would hand back
         pages warmed before it). The encoder once at every window length (ONNX Runtime plans its memory per input
-        shape: a length met for the first time cost ~20 µs more, measured). Through ``recommend``: the encoder at the
-        full window
-        (``model.max_len`` items) with the scan's exclude list (``exclude_seen``); a ``user`` request (the result
+        shape: a length met for the first time cost ~20 µs more, measured), and with a batch-exact encoder the batched
+        shapes met most (2 to ``const.WARM_BATCH_SESSIONS`` sessions, windows up to ``const.WARM_BATCH_WINDOW``).
+        Through ``recommend``: the encoder at the full window (``model.max_len`` items) with the scan's exclude list (``exclude_seen``); a ``user`` request (the result
         cache, the popularity scan with an exclude filter; no session is created, its cache entry is dropped and
         the cache's hit / miss counters are restored); a history of an unknown id (ignored, the popularity scan);
         a category filter when the model has attributes (the scan's allow-mask); all of them in one event-loop turn
@@ -262,6 +262,10 @@ class Service:
         window = [model.item_ids[r] for r in rows]
         for n in range(1, len(rows) + 1):   # every window length once: ONNX Runtime plans memory per input shape
             model.encode(rows[-n:])
+        if model.batch_exact:   # and the batched shapes concurrent requests meet most: 2..8 sessions, short windows
+            for b in range(2, const.WARM_BATCH_SESSIONS + 1):
+                for n in range(1, min(len(rows), const.WARM_BATCH_WINDOW) + 1):
+                    model.encode_padded([rows[-n:]] * b)
         user = "edgerec.warm-up"
         self.cache.uncounted = self.key(user)   # its lookups stay out of the hit / miss counters
         warm = [{"history": window, "k": const.CHECK_K},

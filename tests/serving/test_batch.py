@@ -93,12 +93,54 @@ def test_score_jobs_equals_score_one_with_exclusions_inside(model):
         jobs.append(Job(model, rows, int(rng.integers(1, 40)), exclude, None, None, None))
     got = score_jobs(jobs, lambda m, c, b: None, clock)
     assert clock.scan_calls == 1 and clock.scan_queries == 64 and clock.encode_calls == 64
+    assert model.batch_exact and clock.encoder_runs < 64      # the sessions were encoded in a few padded calls
     for job, (scored, exc) in zip(jobs, got):
         assert exc is None
         ids, sc = score_one(job, None, StageClock())
         np.testing.assert_array_equal(scored[0], ids)
         np.testing.assert_array_equal(scored[1], sc)
         assert len(ids) == job.k and not set(ids.tolist()) & set(job.exclude)
+
+
+def test_encode_many_equals_lone_calls(model):
+    """Batched encoder calls (padded groups of similar lengths) give every session its lone call's vector bit for
+    bit, windows longer than max_len included; fewer calls than sessions."""
+    assert model.batch_exact and 1 <= model.call_tokens <= 4 * model.max_len
+    rng = np.random.default_rng(4)
+    for batch in (2, 3, 8, 32):
+        sessions = [rng.integers(0, model.bundle_items, int(rng.integers(1, model.max_len + 6))).tolist()
+                    for _ in range(batch)]
+        users, calls = model.encode_many(sessions)
+        np.testing.assert_array_equal(users, np.stack([model.encode(s) for s in sessions]))
+        assert users.dtype == np.float32 and 1 <= calls <= batch
+    same = [[5, 6, 7]] * 4 + [[1, 2, 3]] * 4
+    assert model.encode_many(same)[1] == 1                    # one length: one call
+
+
+def test_an_encoder_that_is_not_batch_exact_is_called_per_session(tiny_bundle, tmp_path):
+    """A bundle whose int8 encoder has dynamically quantized MatMuls (one activation scale per call) is found not
+    batch-exact at load; its sessions are encoded one call each, and batched replies still equal lone ones."""
+    import shutil
+
+    from trainer.export import quantize_int8
+
+    b = tmp_path / "dyn"
+    shutil.copytree(tiny_bundle, b)
+    quantize_int8(b / "encoder.onnx", b / "encoder.int8.onnx", matmuls="dynamic")
+    dyn = Model(b, verify=False)                               # the file no longer matches the manifest's sha256
+    assert not dyn.batch_exact
+    sessions = [[1, 2, 3], [4, 5], [6, 7, 8]]
+    users, calls = dyn.encode_many(sessions)
+    assert calls == 3
+    np.testing.assert_array_equal(users, np.stack([dyn.encode(s) for s in sessions]))
+    clock = StageClock()
+    jobs = [Job(dyn, s, 5, [], None, None, None) for s in sessions]
+    got = score_jobs(jobs, lambda m, c, b: None, clock)
+    assert clock.encoder_runs == 3 and clock.encode_calls == 3
+    for job, (scored, exc) in zip(jobs, got):
+        ids, sc = score_one(job, None, StageClock())
+        np.testing.assert_array_equal(scored[0], ids)
+        np.testing.assert_array_equal(scored[1], sc)
 
 
 def test_a_failing_request_fails_alone(model):

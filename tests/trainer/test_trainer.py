@@ -72,6 +72,66 @@ def test_onnx_export_matches_pytorch_and_int8_is_close(tmp_path, kind):
     assert (tmp_path / "e8.onnx").stat().st_size < (tmp_path / "e.onnx").stat().st_size
 
 
+def _padded_sessions(rng, n_items: int, max_len: int, batch: int) -> tuple[np.ndarray, list[int]]:
+    lengths = rng.integers(1, max_len + 1, batch).tolist()
+    width = max(lengths)
+    seq = np.zeros((batch, width), np.int64)
+    for b, n in enumerate(lengths):
+        seq[b, width - n:] = rng.integers(1, n_items + 1, n)
+    return seq, lengths
+
+
+@pytest.mark.parametrize("kind,style,heads", [("sasrec", "prenorm", 1), ("sasrec", "sasrec", 2),
+                                              ("bert4rec", "prenorm", 2)])
+def test_exported_encoder_is_batch_exact(tmp_path, kind, style, heads):
+    """The export's attention is padding-exact, so a left-padded batch in one ONNX Runtime call gives each session
+    bit for bit the vector of its lone call over its real window, for the float32 encoder and for the int8 one
+    (int8 table, float MatMuls); with int8 dynamic quantization of the MatMuls (one activation scale per call) it
+    does not: the daemon encodes those one request per call (Model.batch_exact)."""
+    torch.manual_seed(3)
+    m = build_model(kind, 500, max_len=30, hidden=32, blocks=2, heads=heads, dropout=0.1, block_style=style).eval()
+    export_onnx(m, tmp_path / "e.onnx", 30)
+    quantize_int8(tmp_path / "e.onnx", tmp_path / "e8.onnx")
+    quantize_int8(tmp_path / "e.onnx", tmp_path / "dyn.onnx", matmuls="dynamic")
+    rng = np.random.default_rng(5)
+    differing = {}
+    for name in ("e.onnx", "e8.onnx", "dyn.onnx"):
+        enc = Encoder(tmp_path / name)
+        bad = 0
+        for trial in range(25):
+            seq, lengths = _padded_sessions(rng, 500, 30, int(rng.integers(2, 17)))
+            lone = np.stack([enc(seq[b:b + 1, seq.shape[1] - n:])[0] for b, n in enumerate(lengths)])
+            bad += int((enc(seq) != lone).any(axis=1).sum())
+        differing[name] = bad
+    assert differing["e.onnx"] == 0 and differing["e8.onnx"] == 0
+    assert differing["dyn.onnx"] > 0
+
+
+def test_padding_exact_attention_equals_softmax_attention():
+    """Evaluation's attention (normalised after the weighted sum) is training's softmax attention up to float
+    rounding, masked keys included."""
+    from trainer.model import _attend_padding_exact
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 2, 7, 7, generator=g) * 4
+    scores = scores.masked_fill(~torch.tril(torch.ones(7, 7, dtype=torch.bool)), float("-inf"))
+    v = torch.randn(3, 2, 7, 5, generator=g)
+    torch.testing.assert_close(_attend_padding_exact(scores, v), scores.softmax(-1) @ v, rtol=1e-5, atol=1e-6)
+    m = build_model("sasrec", 100, max_len=12, hidden=16, blocks=2, heads=2, dropout=0.0)
+    seq = torch.from_numpy(_padded_sessions(np.random.default_rng(1), 100, 12, 6)[0])
+    with torch.no_grad():
+        trained_form = m.train()(seq)        # dropout 0: the same function, computed with softmax
+        served_form = m.eval()(seq)
+    torch.testing.assert_close(served_form, trained_form, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_int8_rejects_unknown_matmul_scheme(tmp_path):
+    with pytest.raises(ValueError, match="int8 MatMuls 'static'"):
+        quantize_int8(tmp_path / "e.onnx", tmp_path / "e8.onnx", matmuls="static")
+    with pytest.raises(ValueError, match="int8_matmuls"):
+        TrainConfig(int8_matmuls="int4")
+
+
 def test_tiny_bundle_int8_close_to_fp32(tiny_manifest):
     test = tiny_manifest["metrics"]["test"]
     f32, i8 = test["pytorch_fp32"]["NDCG@10"], test["onnx_int8"]["NDCG@10"]
