@@ -104,6 +104,9 @@ def as_id_list(v: Any, name: str, max_len: int) -> list[str]:
         raise InvalidParams(f"'{name}' must be an array of item ids, got {type_name(v)}")
     if len(v) > max_len:
         raise InvalidParams(f"'{name}' holds {len(v)} ids; at most {max_len} are accepted")
+    limit = const.MAX_ID_CHARS
+    if all(type(x) is str and 0 < len(x) <= limit for x in v):   # the common case, without a name per element
+        return list(v)
     return [as_id(x, f"{name}[{i}]") for i, x in enumerate(v)]
 
 

@@ -10,7 +10,7 @@ import pytest
 from edge_runtime import config, const
 from edge_runtime.errors import InvalidParams, MethodNotFound, RpcError
 from edge_runtime.rpc import protocol
-from edge_runtime.rpc.methods import MethodTable, as_id, as_int, as_ts, check_keys
+from edge_runtime.rpc.methods import MethodTable, as_id, as_id_list, as_int, as_ts, check_keys
 
 
 def test_replies_match_by_msgid_out_of_order_and_in_pieces():
@@ -67,6 +67,15 @@ def test_method_table_lookup_and_checks():
     for bad in (True, 1.5, "", "x" * (const.MAX_ID_CHARS + 1)):
         with pytest.raises(InvalidParams):
             as_id(bad, "item")
+    ids = ["a", "b" * const.MAX_ID_CHARS]
+    got = as_id_list(ids, "history", 5)
+    assert got == ids and got is not ids                      # a copy: the caller's list is not kept
+    assert as_id_list(("a", 7), "history", 5) == ["a", "7"]   # ints normalized on the checked path
+    for second in ("", "x" * (const.MAX_ID_CHARS + 1), None, True, 1.5):   # the element that fails is named
+        with pytest.raises(InvalidParams, match="'history\\[1\\]'"):
+            as_id_list(["a", second, "c"], "history", 5)
+    with pytest.raises(InvalidParams, match="at most 1 are accepted"):
+        as_id_list(["a", "b"], "history", 1)
     with pytest.raises(InvalidParams, match="between 1 and 1000"):
         as_int(0, "k", 1, 1000)
     with pytest.raises(InvalidParams):
