@@ -246,13 +246,14 @@ class Service:
         pages warmed before it). The encoder once at every window length (ONNX Runtime plans its memory per input
         shape: a length met for the first time cost ~20 µs more, measured), and with a batch-exact encoder the batched
         shapes met most (2 to ``const.WARM_BATCH_SESSIONS`` sessions, windows up to ``const.WARM_BATCH_WINDOW``).
-        Through ``recommend``: the encoder at the full window (``model.max_len`` items) with the scan's exclude list (``exclude_seen``); a ``user`` request (the result
-        cache, the popularity scan with an exclude filter; no session is created, its cache entry is dropped and
-        the cache's hit / miss counters are restored); a history of an unknown id (ignored, the popularity scan);
-        a category filter when the model has attributes (the scan's allow-mask); all of them in one event-loop turn
-        (as concurrent requests arrive), then one after the other. And when this model is scored on the scoring
-        threads, the encoder and the scan on every one of those threads at once (behind a barrier, so that none is
-        left out: each thread's first ONNX Runtime run sets up its own buffers). Nothing a client sees changes.
+        Through ``recommend``: the encoder at the full window (``model.max_len`` items) with the scan's exclude list
+        (``exclude_seen``); a ``user`` request (the result cache, the popularity scan with an exclude filter; no
+        session is created, its cache entry is dropped, its lookups stay out of the hit / miss counters); a history of
+        an unknown id (ignored, the popularity scan); a category filter when the model has attributes (the scan's
+        allow-mask); all of them in one event-loop turn (as concurrent requests arrive), then one after the other. And
+        when this model is scored on the scoring threads, the encoder and the scan on every one of those threads at once
+        (behind a barrier, so that none is left out: each thread's first ONNX Runtime run sets up its own buffers).
+        Nothing a client sees changes.
 
         Raises:
             EdgeRuntimeError: a warm-up request failed (the swap path logs it and serves on).
