@@ -97,6 +97,9 @@ SCORING_THREADS = 2          # threads that run encoder + scan; both release the
 # exclusion list would make the shared heap slow for everyone.
 BATCH_MAX_REQUESTS = 32
 BATCH_MAX_FETCH = 256
+# Rounds of the load-time check that padded encoder calls are bit-identical to lone calls (Model.batch_exact,
+# serving/model.py probe_batch_exact): 24 sessions each, ~1.5 ms per round on the Beauty bundle.
+BATCH_PROBE_ROUNDS = 4
 # The warm-up's batched encoder shapes (a batch-exact encoder, Service.warm_up): 2 .. this many sessions, windows of
 # 1 .. WARM_BATCH_WINDOW items (112 calls, ~12 ms on the Beauty bundle; 9 of 10 Beauty contexts are that short).
 WARM_BATCH_SESSIONS = 8

@@ -8,6 +8,7 @@ serving process never loads torch, and a client call never loads the model runti
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -506,6 +507,10 @@ def _demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a crash in native code (ONNX Runtime, the kernel, SQLite) prints every thread's Python stack to stderr
+    # (the journal under systemd) instead of only the exit status
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     args = _parser().parse_args(argv)
     args.log_level_given = args.log_level is not None
     args.log_level = args.log_level or os.environ.get("EDGEREC_LOG_LEVEL", "INFO").upper()

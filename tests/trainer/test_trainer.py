@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from edge_runtime.serving.encoder import Encoder
+from edge_runtime.serving.model import Model, probe_batch_exact
 from trainer.config import TrainConfig
 from trainer.export import export_onnx, quantize_int8
 from trainer.model import BERT4Rec, SASRec, build_model
@@ -83,7 +84,7 @@ def _padded_sessions(rng, n_items: int, max_len: int, batch: int) -> tuple[np.nd
 
 @pytest.mark.parametrize("kind,style,heads", [("sasrec", "prenorm", 1), ("sasrec", "sasrec", 2),
                                               ("bert4rec", "prenorm", 2)])
-def test_exported_encoder_is_batch_exact(tmp_path, kind, style, heads):
+def test_exported_encoder_is_batch_exact(tmp_path, monkeypatch, kind, style, heads):
     """The export's attention is padding-exact, so a left-padded batch in one ONNX Runtime call gives each session
     bit for bit the vector of its lone call over its real window, for the float32 encoder and for the int8 one
     (int8 table, float MatMuls); with int8 dynamic quantization of the MatMuls (one activation scale per call) it
@@ -105,6 +106,24 @@ def test_exported_encoder_is_batch_exact(tmp_path, kind, style, heads):
         differing[name] = bad
     assert differing["e.onnx"] == 0 and differing["e8.onnx"] == 0
     assert differing["dyn.onnx"] > 0
+    # the load-time probe agrees, and also rejects the same weights exported with a fused Softmax (the old export:
+    # near-exact, the last bits of some padded calls differ)
+    with monkeypatch.context() as mp:
+        mp.setattr("trainer.model._attend_padding_exact", lambda s, v: s.softmax(dim=-1) @ v)
+        export_onnx(m, tmp_path / "softmax.onnx", 30)
+    probed = {name: probe_batch_exact(_ProbeModel(Encoder(tmp_path / name), 500, 30))[0]
+              for name in ("e.onnx", "e8.onnx", "dyn.onnx", "softmax.onnx")}
+    assert probed == {"e.onnx": True, "e8.onnx": True, "dyn.onnx": False, "softmax.onnx": False}
+
+
+class _ProbeModel:
+    """What ``probe_batch_exact`` reads of a served ``Model`` (its encode paths over a bare encoder), so an export
+    can be probed without writing a bundle."""
+    encode = Model.encode
+    encode_padded = Model.encode_padded
+
+    def __init__(self, encoder: Encoder, bundle_items: int, max_len: int):
+        self.encoder, self.bundle_items, self.max_len = encoder, bundle_items, max_len
 
 
 def test_padding_exact_attention_equals_softmax_attention():
