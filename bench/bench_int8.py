@@ -93,9 +93,9 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"int8 schemes on {b} ({rows[0]['users']} test users, {data.num_items} items)")
-    print(f"  {'encoder':<12} {'items':<11} {'HR@10':>7} {'NDCG@10':>8} {'vs fp32':>8} {'MB':>6} {'µs b=1':>7}")
+    print(f"  {'encoder':<16} {'items':<11} {'HR@10':>7} {'NDCG@10':>8} {'vs fp32':>8} {'MB':>6} {'µs b=1':>7}")
     for r in rows:
-        print(f"  {r['encoder']:<12} {r['items']:<11} {r['HR@10']:>7.4f} {r['NDCG@10']:>8.4f} "
+        print(f"  {r['encoder']:<16} {r['items']:<11} {r['HR@10']:>7.4f} {r['NDCG@10']:>8.4f} "
               f"{100 * r['ndcg10_vs_fp32']:>+7.2f}% {r['bytes'] / 1e6:>6.2f} {r['latency_us']:>7.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
