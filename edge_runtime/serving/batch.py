@@ -105,41 +105,50 @@ def score_one(job: Job, allow, clock: StageClock, u: np.ndarray | None = None) -
     return out
 
 
-def encode_jobs(jobs: Sequence[Job], clock: StageClock) -> dict[int, np.ndarray]:
-    """User vectors float32 [d] of the jobs with a context whose model is batch-exact and shared by another job,
-    encoded together (``Model.encode_many``), by job index; the others are encoded where they are scored. A
-    failing batch call leaves its jobs to be encoded alone, so only a session that fails by itself fails."""
+def encode_jobs(jobs: Sequence[Job], clock: StageClock) -> dict[int, np.ndarray | BaseException]:
+    """User vectors float32 [d] of the jobs with a context, by job index, or the exception a session's encoding
+    raised: each model's sessions in one ``Model.encode_many`` (padded calls when the encoder is batch-exact, else
+    one call each); if that raises, each session alone, so only a session that fails by itself fails."""
     by_model: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
-        if job.rows and job.model.batch_exact:
+        if job.rows:
             by_model.setdefault(id(job.model), []).append(i)
-    vectors: dict[int, np.ndarray] = {}
+    vectors: dict[int, np.ndarray | BaseException] = {}
     for members in by_model.values():
-        if len(members) < 2:
-            continue
         model = jobs[members[0]].model
         t0 = time.perf_counter()
         try:
             users, calls = model.encode_many([jobs[i].rows for i in members])
-        except Exception:  # noqa: BLE001 - each job is encoded alone, and reports its own error
-            continue
+            vectors.update(zip(members, users))
+            encoded = len(members)
+        except Exception:  # noqa: BLE001 - each session alone, each reporting its own error
+            encoded = 0
+            for i in members:
+                try:
+                    vectors[i] = model.encode(jobs[i].rows)
+                    encoded += 1
+                except Exception as exc:  # noqa: BLE001
+                    vectors[i] = exc
+            calls = encoded
         clock.encode_s += time.perf_counter() - t0
-        clock.encode_calls += len(members)
+        clock.encode_calls += encoded
         clock.encoder_runs += calls
-        vectors.update(zip(members, users))
     return vectors
 
 
 def score_jobs(jobs: Sequence[Job], allow_mask: Callable[[Any, Any, Any], Any],
                clock: StageClock) -> list[tuple[Any, BaseException | None]]:
-    """Score ``jobs`` (any thread): requests on the same model with the same allow mask share one scan; the rest
-    (a lone one, the popularity list, k + |exclude| above ``const.BATCH_MAX_FETCH``) are scored alone. Returns,
-    per job in order, ((ids, scores), None) or (None, the exception its scoring raised)."""
+    """Score ``jobs`` (any thread): the sessions encoded together (``encode_jobs``); requests on the same model with
+    the same allow mask share one scan; the rest (a lone one, the popularity list, k + |exclude| above
+    ``const.BATCH_MAX_FETCH``) are scanned alone. Returns, per job in order, ((ids, scores), None) or (None, the
+    exception its scoring raised)."""
     out: list[tuple[Any, BaseException | None]] = [(None, None)] * len(jobs)
-    vectors = encode_jobs(jobs, clock) if len(jobs) > 1 else {}
+    vectors = encode_jobs(jobs, clock)
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
-        if job.rows and job.shareable:
+        if isinstance(vectors.get(i), BaseException):
+            out[i] = (None, vectors[i])
+        elif job.rows and job.shareable:
             groups.setdefault((id(job.model), job.categories, id(job.stock_bits)), []).append(i)
         else:
             groups[("alone", i)] = [i]
@@ -162,45 +171,27 @@ def score_jobs(jobs: Sequence[Job], allow_mask: Callable[[Any, Any, Any], Any],
 
 
 def _score_group(group: list[Job], members: list[int], allow, clock: StageClock, out: list,
-                 vectors: dict[int, np.ndarray]) -> None:
+                 vectors: dict[int, np.ndarray | BaseException]) -> None:
     model = group[0].model
-    users = np.empty((len(group), model.dim), dtype=np.float32)
-    encoded: list[int] = []
     t0 = time.perf_counter()
-    for r, job in enumerate(group):
-        u = vectors.get(members[r])
-        try:
-            if u is None:
-                u = model.encode(job.rows)
-                clock.encode_calls += 1
-                clock.encoder_runs += 1
-            users[len(encoded)] = u
-            encoded.append(r)
-        except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-            out[members[r]] = (None, exc)
-    t1 = time.perf_counter()
-    clock.encode_s += t1 - t0
-    if not encoded:
-        return
-    excluded = [set(group[r].exclude) for r in encoded]
-    fetch = max(group[r].k + len(ex) for r, ex in zip(encoded, excluded))
+    excluded = [set(job.exclude) for job in group]
+    fetch = max(job.k + len(ex) for job, ex in zip(group, excluded))
     try:
-        ids, scores = scoring.topk_served(users[:len(encoded)], model.items, fetch, model.scales, None, allow,
-                                          per_query=True)
+        ids, scores = scoring.topk_served(np.stack([vectors[i] for i in members]), model.items, fetch, model.scales,
+                                          None, allow, per_query=True)
     except Exception as exc:  # noqa: BLE001
-        for r in encoded:
-            out[members[r]] = (None, exc)
+        for i in members:
+            out[i] = (None, exc)
         return
-    clock.scan_s += time.perf_counter() - t1
+    clock.scan_s += time.perf_counter() - t0
     clock.scan_calls += 1
-    clock.scan_queries += len(encoded)
-    for row, (r, ex) in enumerate(zip(encoded, excluded)):
-        k = group[r].k
+    clock.scan_queries += len(group)
+    for row, (job, ex) in enumerate(zip(group, excluded)):
         if ex:
-            keep = [c for c, item in enumerate(ids[row].tolist()) if item not in ex][:k]
-            out[members[r]] = ((ids[row, keep], scores[row, keep]), None)
+            keep = [c for c, item in enumerate(ids[row].tolist()) if item not in ex][:job.k]
+            out[members[row]] = ((ids[row, keep], scores[row, keep]), None)
         else:
-            out[members[r]] = ((ids[row, :k].copy(), scores[row, :k].copy()), None)
+            out[members[row]] = ((ids[row, :job.k].copy(), scores[row, :job.k].copy()), None)
 
 
 class Batcher:
