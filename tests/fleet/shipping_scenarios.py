@@ -77,12 +77,13 @@ def collected_rows(path: Path) -> list[tuple]:
         c.close()
 
 
-def wait_collected(rig, want: set[int], timeout: float = 60.0) -> list[tuple]:
-    """Rows at the collector once every ts in ``want`` is there (or the timeout passes)."""
+def wait_collected(rig, want: set[int], timeout: float = 60.0, count: int = 0) -> list[tuple]:
+    """Rows at the collector once every ts in ``want`` is there and at least ``count`` rows (several nodes may send
+    the same timestamps), or once the timeout passes."""
     deadline = time.monotonic() + timeout
     while True:
         rows = rig.collected()
-        if want <= {int(r[5]) for r in rows} or time.monotonic() > deadline:
+        if (want <= {int(r[5]) for r in rows} and len(rows) >= count) or time.monotonic() > deadline:
             return rows
         time.sleep(0.2)
 
