@@ -82,15 +82,17 @@ def _padded_sessions(rng, n_items: int, max_len: int, batch: int) -> tuple[np.nd
     return seq, lengths
 
 
-@pytest.mark.parametrize("kind,style,heads", [("sasrec", "prenorm", 1), ("sasrec", "sasrec", 2),
-                                              ("bert4rec", "prenorm", 2)])
-def test_exported_encoder_is_batch_exact(tmp_path, monkeypatch, kind, style, heads):
+@pytest.mark.parametrize("kind,style,heads,blocks", [("sasrec", "prenorm", 1, 2), ("sasrec", "sasrec", 2, 2),
+                                                     ("bert4rec", "prenorm", 2, 2), ("sasrec", "prenorm", 1, 1),
+                                                     ("bert4rec", "sasrec", 1, 1)])
+def test_exported_encoder_is_batch_exact(tmp_path, monkeypatch, kind, style, heads, blocks):
     """The export's attention is padding-exact, so a left-padded batch in one ONNX Runtime call gives each session
     bit for bit the vector of its lone call over its real window, for the float32 encoder and for the int8 one
     (int8 table, float MatMuls); with int8 dynamic quantization of the MatMuls (one activation scale per call) it
     does not: the daemon encodes those one request per call (Model.batch_exact)."""
     torch.manual_seed(3)
-    m = build_model(kind, 500, max_len=30, hidden=32, blocks=2, heads=heads, dropout=0.1, block_style=style).eval()
+    m = build_model(kind, 500, max_len=30, hidden=32, blocks=blocks, heads=heads, dropout=0.1,
+                    block_style=style).eval()
     export_onnx(m, tmp_path / "e.onnx", 30)
     quantize_int8(tmp_path / "e.onnx", tmp_path / "e8.onnx")
     quantize_int8(tmp_path / "e.onnx", tmp_path / "dyn.onnx", matmuls="dynamic")
@@ -107,9 +109,10 @@ def test_exported_encoder_is_batch_exact(tmp_path, monkeypatch, kind, style, hea
     assert differing["e.onnx"] == 0 and differing["e8.onnx"] == 0
     assert differing["dyn.onnx"] > 0
     # the load-time probe agrees, and also rejects the same weights exported with a fused Softmax (the old export:
-    # near-exact, the last bits of some padded calls differ)
+    # near-exact, the last bits of some padded calls differ), in every block
     with monkeypatch.context() as mp:
         mp.setattr("trainer.model._attend_padding_exact", lambda s, v: s.softmax(dim=-1) @ v)
+        mp.setattr("trainer.model._attend_last_exact", lambda s, v: (s.softmax(dim=-1) @ v[..., :-1])[:, :, 0])
         export_onnx(m, tmp_path / "softmax.onnx", 30)
     probed = {name: probe_batch_exact(_ProbeModel(Encoder(tmp_path / name), 500, 30))[0]
               for name in ("e.onnx", "e8.onnx", "dyn.onnx", "softmax.onnx")}
@@ -142,6 +145,32 @@ def test_padding_exact_attention_equals_softmax_attention():
         trained_form = m.train()(seq)        # dropout 0: the same function, computed with softmax
         served_form = m.eval()(seq)
     torch.testing.assert_close(served_form, trained_form, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,style,heads,blocks", [("sasrec", "prenorm", 1, 1), ("sasrec", "sasrec", 2, 2),
+                                                     ("bert4rec", "prenorm", 2, 2), ("bert4rec", "sasrec", 1, 1)])
+def test_serving_form_equals_the_model(kind, style, heads, blocks):
+    """The exported form (last block on the last position only, fused weights) is the model's forward up to float
+    rounding, for left-padded batches, full and trimmed windows, side information folded in; the model is left as
+    it was (training mode, weights)."""
+    torch.manual_seed(4)
+    indptr = np.arange(0, 2 * 300 + 1, 2)
+    codes = np.random.default_rng(2).integers(0, 40, 2 * 300)
+    m = build_model(kind, 300, max_len=16, hidden=32, blocks=blocks, heads=heads, dropout=0.2, block_style=style,
+                    item_attributes=(indptr, codes, 40))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    serving = m.serving()
+    assert m.training and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    seq, lengths = _padded_sessions(np.random.default_rng(6), 300, 16, 12)
+    seq = torch.from_numpy(seq)
+    with torch.no_grad():
+        want = m.eval()(seq)
+        torch.testing.assert_close(serving(seq), want, rtol=1e-5, atol=1e-5)
+        wide = torch.nn.functional.pad(seq, (16 - seq.shape[1], 0))
+        torch.testing.assert_close(serving(wide), want, rtol=1e-5, atol=1e-5)
+        one = seq[:, -1:]
+        torch.testing.assert_close(serving(one), m(one), rtol=1e-5, atol=1e-5)
+    assert want.shape == (12, 32) and not torch.allclose(want[0], want[1])
 
 
 def test_quantize_int8_rejects_unknown_matmul_scheme(tmp_path):
