@@ -36,15 +36,17 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, max_len: int) -
         model = model.serving()
     model = model.eval().cpu()
     dummy = torch.zeros((2, max_len), dtype=torch.long)
-    dummy[:, -3:] = torch.tensor([1, 2, 3])
+    real = min(3, max_len)
+    dummy[:, -real:] = torch.arange(1, real + 1)
+    # a window of one item is a static dimension (torch.export has no dynamic Dim with min = max)
+    seq = {1: torch.export.Dim("seq", min=1, max=max_len)} if max_len > 1 else {}
     # torch's exporter logs a warning per torchvision op it cannot register; irrelevant here
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
             model, (dummy,), input_names=["item_seq"], output_names=["user_vec"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096),
-                              1: torch.export.Dim("seq", min=1, max=max_len)},), dynamo=True, verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096), **seq},), dynamo=True, verbose=False,
             optimize=True)
     onnx_program.save(str(path))
 

@@ -289,8 +289,9 @@ class BERT4Rec(SASRec):
 
 class ServingEncoder(nn.Module):
     """The exported form of a trained SASRec / BERT4Rec: ``item_seq`` int64 [B, l] (1 <= l <= max_len, left-padded
-    with 0, the last token real) -> float32 [B, d], equal to ``model(item_seq)`` up to float rounding (tested), and
-    batch-exact in ONNX Runtime: a left-padded batch gives every row, bit for bit, the vector of its lone call.
+    with 0) -> float32 [B, d], equal to ``model(item_seq)`` up to float rounding (tested, rows of padding only
+    included), and batch-exact in ONNX Runtime: a left-padded batch gives every row, bit for bit, the vector of its
+    lone call.
 
     Only the user vector is served, the hidden state of the last position, so the last block computes only that
     position: its query, its attention over every real key (causal or not, the last position sees them all), its
@@ -360,7 +361,11 @@ class ServingEncoder(nn.Module):
         q = q.unsqueeze(1) if heads == 1 else q.reshape(b, heads, dh)
         q = q.unsqueeze(2)                                                                          # [B H 1 dh]
         scores = torch.cat([q, q], dim=2) @ k.transpose(-1, -2)                                     # [B H 2 L]
-        scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
+        # masked keys get the lowest finite float, not -inf: exp(lowest - max) is still exactly 0 next to a real
+        # key (padding-exact as before), and a row of padding only (last token 0; the daemon never sends one)
+        # gets finite weights instead of exp(-inf + inf) = NaN, so the pad multiplication below makes it the
+        # model's ln_out(0)
+        scores = scores.masked_fill(~real[:, None, None, :], torch.finfo(torch.float32).min)
         y = blk.out(_attend_last_exact(scores, v_one).reshape(b, d))                              # [B D]
         if blk.style == "sasrec":
             f = blk.ln_ffn(h_last + y)

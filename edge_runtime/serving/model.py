@@ -379,5 +379,6 @@ class Model:
                 "metrics": {name: {k: v for k, v in vals.items() if k in ("HR@10", "NDCG@10")}
                             for name, vals in test.items()},
                 "has_attributes": self.has_attributes, "added_items": self.num_added,
-                "can_compose": self.attr_emb is not None, "bundle": str(self.path),
+                "can_compose": self.attr_emb is not None, "batch_exact": self.batch_exact,
+                "encoder_call_tokens": round(self.call_tokens, 1), "bundle": str(self.path),
                 "files": sorted(m.get("files", {}))}

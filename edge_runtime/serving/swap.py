@@ -94,6 +94,8 @@ class ModelSwapper:
             await self.service.warm_up(model)
         except Exception as exc:   # noqa: BLE001 - the model passed its check; a warm-up failure only costs speed
             log.warning("warm-up of %s failed (serving it anyway): %r", model.version, exc)
-        log.info("now serving %s (%s)", model.version, reason)
+        log.info("now serving %s (%s); encoder %s", model.version, reason,
+                 "batch-exact: concurrent requests share encoder calls" if model.batch_exact
+                 else "not batch-exact: one encoder call per request")
         for cb in self.on_swap:
             cb(model.version)

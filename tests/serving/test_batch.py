@@ -106,6 +106,7 @@ def test_encode_many_equals_lone_calls(model):
     """Batched encoder calls (padded groups of similar lengths) give every session its lone call's vector bit for
     bit, windows longer than max_len included; fewer calls than sessions."""
     assert model.batch_exact and 1 <= model.call_tokens <= 4 * model.max_len
+    assert model.summary()["batch_exact"] is True and model.summary()["encoder_call_tokens"] >= 1
     rng = np.random.default_rng(4)
     for batch in (2, 3, 8, 32):
         sessions = [rng.integers(0, model.bundle_items, int(rng.integers(1, model.max_len + 6))).tolist()
@@ -128,7 +129,7 @@ def test_an_encoder_that_is_not_batch_exact_is_called_per_session(tiny_bundle, t
     shutil.copytree(tiny_bundle, b)
     quantize_int8(b / "encoder.onnx", b / "encoder.int8.onnx", matmuls="dynamic")
     dyn = Model(b, verify=False)                               # the file no longer matches the manifest's sha256
-    assert not dyn.batch_exact
+    assert not dyn.batch_exact and dyn.summary()["batch_exact"] is False
     sessions = [[1, 2, 3], [4, 5], [6, 7, 8]]
     users, calls = dyn.encode_many(sessions)
     assert calls == 3

@@ -170,7 +170,27 @@ def test_serving_form_equals_the_model(kind, style, heads, blocks):
         torch.testing.assert_close(serving(wide), want, rtol=1e-5, atol=1e-5)
         one = seq[:, -1:]
         torch.testing.assert_close(serving(one), m(one), rtol=1e-5, atol=1e-5)
+        # rows the daemon never sends: padding only, and real items followed by padding
+        odd = torch.zeros_like(seq[:3])
+        odd[1, :4] = seq[1, -4:]
+        odd[2, 2] = 7
+        torch.testing.assert_close(serving(odd), m(odd), rtol=1e-5, atol=1e-5)
     assert want.shape == (12, 32) and not torch.allclose(want[0], want[1])
+
+
+@pytest.mark.parametrize("kind,max_len", [("sasrec", 1), ("sasrec", 2), ("bert4rec", 1), ("bert4rec", 2)])
+def test_export_of_windows_of_one_and_two_items(tmp_path, kind, max_len):
+    """A window of one item (a static dimension in the export) or two exports and equals the model; a row of
+    padding only gives the model's vector, not NaN."""
+    torch.manual_seed(5)
+    m = build_model(kind, 40, max_len=max_len, hidden=16, blocks=2, heads=2, dropout=0.0).eval()
+    export_onnx(m, tmp_path / "e.onnx", max_len)
+    seq = np.array([[3] * max_len, [0] * (max_len - 1) + [9], [0] * max_len], dtype=np.int64)
+    with torch.no_grad():
+        want = m(torch.from_numpy(seq)).numpy()
+    got = Encoder(tmp_path / "e.onnx")(seq)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_quantize_int8_rejects_unknown_matmul_scheme(tmp_path):
