@@ -9,6 +9,7 @@ real session lengths. In the same run:
 * in this process, the ONNX encoder call alone and the exact top-k scan alone (int8 and fp32), same contexts,
   back to back, and (int8) after 50 µs asleep before each call: what a lone request meets, as the daemon blocks on
   its sockets between requests (on a VM whose idle vCPUs halt, the encoder call measured 46 -> 90 µs that way);
+  and the int8 encoder after an 8 MB read before each call (cold caches);
   and, with a batch-exact encoder, batched encoder calls of 4 and 8 of the contexts (µs per session);
 * the floor: ``--serve-floor`` (this file, as a subprocess: asyncio's default loop, and uvloop where installed)
   answers every request with a fixed reply as large as the daemon's ``recommend`` reply, driven by the same
@@ -48,6 +49,7 @@ from bench_events import cpu_name as cpu_model  # noqa: E402  (the CPU line ever
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 IDLE_S = 50e-6   # s asleep before each call in the *_after_idle cases
+COLD_BYTES = 8 << 20   # bytes read before each call in the *_cold case (more than the 2 x 2 MB of L2 here)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -158,11 +160,14 @@ async def drive(port: int, clients: int, requests: list[tuple[str, dict]], max_s
     return out
 
 
-def time_calls(fn, args_list, repeat: int = 1, idle_s: float = 0.0) -> dict:
+def time_calls(fn, args_list, repeat: int = 1, idle_s: float = 0.0, before=None) -> dict:
     """Latency of ``fn(*args)`` per call in µs; ``idle_s`` > 0 sleeps that long before each call (the daemon's
-    rhythm: it blocks on its sockets between requests, and on a VM the idle vCPU is halted)."""
+    rhythm: it blocks on its sockets between requests, and on a VM the idle vCPU is halted); ``before()``, if
+    given, runs (untimed) before each call."""
     lat = []
     for args in args_list:
+        if before is not None:
+            before()
         if idle_s:
             time.sleep(idle_s)
         t0 = time.perf_counter()
@@ -218,6 +223,10 @@ def main(argv=None) -> int:
     results["scan_int8_after_idle"] = time_calls(
         lambda u, r: scoring.topk(u, model.items, 10, item_scales=model.scales, exclude=np.asarray(r)),
         list(zip(users, rows)), idle_s=IDLE_S)
+    # ... and after reading 8 MB before each call (caches cold: what a request meets after the daemon's other work
+    # or another tenant of the core ran meanwhile)
+    junk = np.ones(COLD_BYTES // 4, dtype=np.float32)
+    results["encoder_int8_cold"] = time_calls(model.encode, [(r,) for r in rows], before=junk.sum)
 
     port = free_port()
     proc = start_daemon(args.bundle, port)
