@@ -54,7 +54,7 @@ def _attend_last_exact(scores: torch.Tensor, v_one: torch.Tensor) -> torch.Tenso
     them in key order, as the full-sequence form relies on. Row 0 of the result is kept.
 
     Args:
-        scores: float [B, H, 2, L], the same row twice, masked keys -inf (at least one finite per row).
+        scores: float [B, H, 2, L], the same row twice, masked keys at the lowest finite float.
         v_one: float [B, H, L, Dh + 1], the values with a last column of ones.
     Returns:
         float [B, H, Dh].
