@@ -123,6 +123,7 @@ class _Block(nn.Module):
 
 
 def _attention_mask(item_seq: torch.Tensor, causal: bool) -> torch.Tensor:
+    """``SASRec.attention_mask`` for either kind (``causal``), shared with ``ServingEncoder``'s earlier blocks."""
     length = item_seq.shape[1]
     eye = torch.eye(length, dtype=torch.bool, device=item_seq.device)
     key_ok = (item_seq > 0).unsqueeze(1)  # [B 1 L]
@@ -358,8 +359,8 @@ class ServingEncoder(nn.Module):
         k = _split_heads(kv[..., :d], heads, dh)                                                    # [B H L dh]
         v_one = _split_heads(kv[..., d:], heads, dh + 1)                                            # [B H L dh+1]
         q = h_last @ self.w_q + self.b_q                                                            # [B D]
-        q = q.unsqueeze(1) if heads == 1 else q.reshape(b, heads, dh)
-        q = q.unsqueeze(2)                                                                          # [B H 1 dh]
+        # [B H 1 dh]; for several heads a Reshape, not _split_heads' Reshape + Transpose (one graph node fewer)
+        q = (q.unsqueeze(1) if heads == 1 else q.reshape(b, heads, dh)).unsqueeze(2)
         scores = torch.cat([q, q], dim=2) @ k.transpose(-1, -2)                                     # [B H 2 L]
         # masked keys get the lowest finite float, not -inf: exp(lowest - max) is still exactly 0 next to a real
         # key (padding-exact as before), and a row of padding only (last token 0; the daemon never sends one)

@@ -326,13 +326,13 @@ class Model:
         """
         if not self.batch_exact or len(sessions) < 2:
             return np.stack([self.encode(s) for s in sessions]), len(sessions)
-        order = sorted(range(len(sessions)), key=lambda b: -min(len(sessions[b]), self.max_len))
+        widths = [min(len(s), self.max_len) for s in sessions]
+        order = sorted(range(len(sessions)), key=lambda b: -widths[b])
         out = np.empty((len(sessions), self.dim), dtype=np.float32)
         start = calls = 0
         while start < len(order):
-            longest = min(len(sessions[order[start]]), self.max_len)
             end = start + 1
-            while end < len(order) and longest - min(len(sessions[order[end]]), self.max_len) <= self.call_tokens:
+            while end < len(order) and widths[order[start]] - widths[order[end]] <= self.call_tokens:
                 end += 1
             group = order[start:end]
             out[group] = self.encode_padded([sessions[b] for b in group])
