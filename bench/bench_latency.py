@@ -217,6 +217,13 @@ def main(argv=None) -> int:
             r = time_calls(model.encode_many, groups)
             results[f"encoder_int8_batch{size}"] = {key: (v / size if key.endswith("_us") else v)
                                                     for key, v in r.items()}
+    # Batched scans, per query: what the daemon's shared scan of a batch costs (``per_query``: each query gets
+    # a lone call's bits; the items are read, and int8 rows widened, once for the batch).
+    users = np.stack([model.encode(r) for r in rows])
+    for size in (4, 8):
+        groups = [(users[i:i + size],) for i in range(0, len(users) - size + 1, size)]
+        r = time_calls(lambda u: scoring.topk(u, model.items, 10, item_scales=model.scales, per_query=True), groups)
+        results[f"scan_int8_batch{size}"] = {key: (v / size if key.endswith("_us") else v) for key, v in r.items()}
     # The same calls after 50 µs asleep each (what a lone request meets: the daemon was blocked on its socket).
     users = [model.encode(r) for r in rows]
     results["encoder_int8_after_idle"] = time_calls(model.encode, [(r,) for r in rows], idle_s=IDLE_S)

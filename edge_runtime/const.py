@@ -92,9 +92,9 @@ MAX_OUT_OF_STOCK = 1_000_000
 # Event timestamps above this (unix s, year 2286) are rejected as garbage.
 MAX_TS = 1e10                # s
 SCORING_THREADS = 2          # threads that run encoder + scan; both release the GIL
-# Batches of concurrent recommend requests (serving/batch.py): requests per batch at most, and the most results a
-# request may fetch from a shared scan (k + its exclusions); a request over it is scored alone, as its long
-# exclusion list would make the shared heap slow for everyone.
+# Batches of concurrent recommend requests (serving/batch.py): requests per batch at most, and the largest k + its
+# exclusions a request may have to join a shared scan; a request over it is scored alone (a shared scan keeps the
+# group's largest k for every query).
 BATCH_MAX_REQUESTS = 32
 BATCH_MAX_FETCH = 256
 # Rounds of the load-time check that padded encoder calls are bit-identical to lone calls (Model.batch_exact,

@@ -7,9 +7,9 @@ bit for bit that of a call with its session alone. An encoder with int8 dynamic 
 per call: a padded batch moved vectors by up to 0.05 on the Beauty bundle) encodes each request alone. The scan of
 a group is one ``scoring.topk`` call with ``per_query=True``: each block of items is read from memory once for the
 whole group, and every query gets bit for bit what a scan of it alone returns.
-Each request's own exclusions (its seen items, ``filters.exclude``) are not shared, so the group's scan keeps the
-top ``k + |exclude|`` of each query and drops that request's excluded items after: the top ``k`` of what remains
-is exactly the filtered top ``k`` (same scores, ties by the lower row, as in one scan with the exclusion inside).
+Each request's own exclusions (its seen items, ``filters.exclude``) go into the shared scan as one list per query
+(``scoring.topk_served(query_excludes=...)``), so every request gets exactly the filtered top ``k`` of a scan of
+it alone, and a long list costs only its own query (a lookup per candidate), not the group's heaps.
 
 When requests are batched (``Batcher``): a request that arrives while others arrived in the same event-loop turn
 (or in the turn before) waits for the end of that turn, so every request already read from the sockets joins
@@ -50,9 +50,9 @@ class Job:
 
     @property
     def shareable(self) -> bool:
-        """Whether a shared scan may serve it: k + its exclusions at most ``const.BATCH_MAX_FETCH`` (a long
-        exclusion list would make the shared heap slow for everyone; such a request is also too heavy for the
-        event loop, ``Service.recommend_now``)."""
+        """Whether a shared scan may serve it: k + its exclusions at most ``const.BATCH_MAX_FETCH`` (a shared scan
+        keeps the group's largest k for every query, and a long exclusion list costs its query a lookup per
+        candidate; such a request is also too heavy for the event loop, ``Service.recommend_now``)."""
         return self.k + len(self.exclude) <= const.BATCH_MAX_FETCH
 
 
@@ -174,11 +174,10 @@ def _score_group(group: list[Job], members: list[int], allow, clock: StageClock,
                  vectors: dict[int, np.ndarray | BaseException]) -> None:
     model = group[0].model
     t0 = time.perf_counter()
-    excluded = [set(job.exclude) for job in group]
-    fetch = max(job.k + len(ex) for job, ex in zip(group, excluded))
     try:
-        ids, scores = scoring.topk_served(np.stack([vectors[i] for i in members]), model.items, fetch, model.scales,
-                                          None, allow, per_query=True)
+        scored = scoring.topk_served(np.stack([vectors[i] for i in members]), model.items,
+                                     max(job.k for job in group), model.scales, None, allow, per_query=True,
+                                     query_excludes=[job.exclude for job in group])
     except Exception as exc:  # noqa: BLE001
         for i in members:
             out[i] = (None, exc)
@@ -186,12 +185,9 @@ def _score_group(group: list[Job], members: list[int], allow, clock: StageClock,
     clock.scan_s += time.perf_counter() - t0
     clock.scan_calls += 1
     clock.scan_queries += len(group)
-    for row, (job, ex) in enumerate(zip(group, excluded)):
-        if ex:
-            keep = [c for c, item in enumerate(ids[row].tolist()) if item not in ex][:job.k]
-            out[members[row]] = ((ids[row, keep], scores[row, keep]), None)
-        else:
-            out[members[row]] = ((ids[row, :job.k].copy(), scores[row, :job.k].copy()), None)
+    for row, job in enumerate(group):
+        ids, scores = scored[row]
+        out[members[row]] = ((ids[:job.k], scores[:job.k]), None)
 
 
 class Batcher:

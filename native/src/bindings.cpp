@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -44,9 +45,12 @@ void check_array(const py::array& a, const char* name, int ndim) {
                                     name + ")");
 }
 
+// exclude_offsets (int64 [B + 1]) given: exclude is B per-query lists one after the other, query q's being
+// exclude[offsets[q] : offsets[q + 1]] (each sorted and unique), and the reply has a third element, the number of
+// results of each row (int64 [B]; rows are padded to the longest with index -1 and score -inf).
 py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, int d_packed, std::int64_t k,
                    py::object item_scales, py::object query_scales, py::object allow, py::object exclude,
-                   int num_threads, bool packed, bool per_query = false) {
+                   int num_threads, bool packed, bool per_query = false, py::object exclude_offsets = py::none()) {
     ScanArgs a;
     a.per_query = per_query;
     const bool int8_items = packed || items.dtype().is(py::dtype::of<std::int8_t>());
@@ -96,15 +100,40 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
         a.filters.allow = allow_arr.data();
         a.filters.allow_bytes = allow_arr.shape(0);
     }
-    py::array_t<std::int64_t> excl_arr;
+    py::array_t<std::int64_t> excl_arr, off_arr;
+    std::vector<edgerec::Filters> per_q;
     if (!exclude.is_none()) {
         excl_arr = py::cast<py::array>(exclude);
         check_array<std::int64_t>(excl_arr, "exclude", 1);
-        a.filters.exclude = excl_arr.data();
-        a.filters.n_exclude = excl_arr.shape(0);
-        for (std::int64_t i = 1; i < a.filters.n_exclude; ++i)
-            if (a.filters.exclude[i - 1] >= a.filters.exclude[i])  // message built only on failure
-                throw std::invalid_argument("exclude must be sorted and unique (np.unique)");
+        const std::int64_t* ex = excl_arr.data();
+        const std::int64_t n_ex = excl_arr.shape(0);
+        if (exclude_offsets.is_none()) {
+            a.filters.exclude = ex;
+            a.filters.n_exclude = n_ex;
+            for (std::int64_t i = 1; i < n_ex; ++i)
+                if (ex[i - 1] >= ex[i])  // message built only on failure
+                    throw std::invalid_argument("exclude must be sorted and unique (np.unique)");
+        } else {
+            off_arr = py::cast<py::array>(exclude_offsets);
+            check_array<std::int64_t>(off_arr, "exclude_offsets", 1);
+            require(off_arr.shape(0) == a.nq + 1, "exclude_offsets must hold B + 1 offsets");
+            const std::int64_t* off = off_arr.data();
+            require(off[0] == 0 && off[a.nq] == n_ex,
+                    "exclude_offsets must start at 0 and end at len(exclude)");
+            for (int q = 0; q < a.nq; ++q)   // so every list lies inside exclude before any is read
+                require(off[q] <= off[q + 1], "exclude_offsets must not decrease");
+            per_q.assign(a.nq, a.filters);
+            for (int q = 0; q < a.nq; ++q) {
+                for (std::int64_t i = off[q] + 1; i < off[q + 1]; ++i)
+                    if (ex[i - 1] >= ex[i])
+                        throw std::invalid_argument("each query's exclude list must be sorted and unique");
+                per_q[q].exclude = ex + off[q];
+                per_q[q].n_exclude = off[q + 1] - off[q];
+            }
+            a.query_filters = per_q.data();
+        }
+    } else {
+        require(exclude_offsets.is_none(), "exclude_offsets needs exclude");
     }
     const int kk = static_cast<int>(std::min<std::int64_t>(k, std::max<std::int64_t>(a.n, 1)));
     const edgerec::Impl& impl = edgerec::active();
@@ -134,11 +163,13 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
             for (int q = 0; q < a.nq; ++q)
                 for (int j = 0; j < parts[t][q].size; ++j) merged[q].push(parts[t][q].score[j], parts[t][q].index[j]);
     }
-    int width = kk;
-    for (const Heap& h : merged) width = std::min(width, h.size);
+    const bool sized = a.query_filters != nullptr;   // per-query lists: rows keep their own lengths
+    int width = sized ? 0 : kk;
+    for (const Heap& h : merged) width = sized ? std::max(width, h.size) : std::min(width, h.size);
     if (a.nq == 0) width = 0;
     py::array_t<std::int64_t> ids({static_cast<py::ssize_t>(a.nq), static_cast<py::ssize_t>(width)});
     py::array_t<float> scores({static_cast<py::ssize_t>(a.nq), static_cast<py::ssize_t>(width)});
+    py::array_t<std::int64_t> sizes(static_cast<py::ssize_t>(a.nq));
     auto I = ids.mutable_unchecked<2>();
     auto S = scores.mutable_unchecked<2>();
     for (int q = 0; q < a.nq; ++q) {
@@ -148,11 +179,18 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
         std::sort(order.begin(), order.end(), [&](int x, int y) {
             return Heap::worse(h.score[y], h.index[y], h.score[x], h.index[x]);
         });
-        for (int j = 0; j < width; ++j) {
+        const int len = std::min(width, h.size);
+        for (int j = 0; j < len; ++j) {
             I(q, j) = h.index[order[j]];
             S(q, j) = h.score[order[j]];
         }
+        for (int j = len; j < width; ++j) {
+            I(q, j) = -1;
+            S(q, j) = -std::numeric_limits<float>::infinity();
+        }
+        sizes.mutable_data()[q] = len;
     }
+    if (sized) return py::make_tuple(ids, scores, sizes);
     return py::make_tuple(ids, scores);
 }
 
@@ -186,9 +224,9 @@ py::tuple topk_packed(py::array queries, py::array packed, std::int64_t n, int d
 }
 
 py::tuple topk(py::array queries, py::array items, std::int64_t k, py::object item_scales, py::object query_scales,
-               py::object allow, py::object exclude, int num_threads, bool per_query) {
+               py::object allow, py::object exclude, int num_threads, bool per_query, py::object exclude_offsets) {
     return run_topk(queries, items, 0, 0, k, item_scales, query_scales, allow, exclude, num_threads, false,
-                    per_query);
+                    per_query, exclude_offsets);
 }
 
 double stream_sum(py::array_t<float, py::array::c_style> a) {
@@ -210,9 +248,11 @@ PYBIND11_MODULE(_native, m) {
     m.def("compiled_levels", &edgerec::compiled_levels, "Levels compiled into this build.");
     m.def("topk", &topk, py::arg("queries"), py::arg("items"), py::arg("k"), py::arg("item_scales") = py::none(),
           py::arg("query_scales") = py::none(), py::arg("allow") = py::none(), py::arg("exclude") = py::none(),
-          py::arg("num_threads") = 1, py::arg("per_query") = false,
+          py::arg("num_threads") = 1, py::arg("per_query") = false, py::arg("exclude_offsets") = py::none(),
           "Exact top-k; see edge_runtime.scoring.topk for the contract (per_query: each float query scored as "
-          "alone). Returns (ids int64 [B, k'], scores float32 [B, k']).");
+          "alone). Returns (ids int64 [B, k'], scores float32 [B, k']). exclude_offsets (int64 [B + 1]): exclude "
+          "holds one sorted unique list per query, query q's at exclude[offsets[q]:offsets[q + 1]]; then rows keep "
+          "their own lengths (padded with -1 / -inf) and a third array, int64 [B], gives each row's length.");
     m.def("pack_i8", &pack_i8, "Row-major int8 [N, d] -> packed 16-row tiles (uint8) for topk_packed.");
     m.def("topk_packed", &topk_packed, py::arg("queries"), py::arg("packed"), py::arg("n"), py::arg("d"),
           py::arg("k"), py::arg("item_scales"), py::arg("query_scales"), py::arg("allow") = py::none(),

@@ -58,6 +58,10 @@ struct ScanArgs {
     // run in another order), so a query's result does not depend on the batch it came in.
     bool per_query = false;
     Filters filters;
+    // Per-query exclusions: nq Filters (the same allow bitset, each its own exclusion list), or nullptr: every query
+    // uses filters. The daemon's shared scan of a batch, where each shopper excludes what they have seen.
+    const Filters* query_filters = nullptr;
+    const Filters& filters_of(int q) const { return query_filters ? query_filters[q] : filters; }
 };
 
 // Bounded top-k of (score, index): a binary heap whose top is the current worst entry (lowest score; among equal

@@ -26,8 +26,9 @@
 //   neon          vmull_s8 + vpadalq_s16
 //   scalar        plain C++
 // and the packed 16-row tiles (topk_common.h) let every SIMD level score 16 rows per tile group with no horizontal
-// sums. The float single-query scan (float32 or int8 items, float32 query) is one 256-bit AVX2 kernel for the avx2,
-// avx512 and avx512_vnni builds (8 rows per step, software prefetch), the generic vector code elsewhere.
+// sums. The float single-query scan (float32 or int8 items, float32 query, also the per_query batches) takes 8 rows
+// per step with software prefetch: 256-bit FMAs in the avx2 build, 512-bit ones (16 columns each) in the AVX-512
+// builds, the generic vector code elsewhere.
 #pragma once
 
 #include <algorithm>
@@ -149,7 +150,7 @@ static inline float dot_f(const float* q, const Item* x, int d) {
 }
 
 // ------------------------------------------------------------------------------------------------ AVX2 helpers
-// (the avx2 build and, for its 256-bit float single-query scan, the AVX-512 builds too)
+// (the avx2 build and, for the float single-query scan's 8-row loop, the AVX-512 builds too)
 #if defined(__AVX2__) && EDGEREC_W >= 8
 #define EDGEREC_AVX2_HELPERS 1
 static inline __m256i loadi(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
@@ -452,7 +453,7 @@ static void scan_i8i_1q(const ScanArgs& a, std::int64_t begin, std::int64_t end,
             const __m512 sc = _mm512_maskz_loadu_ps(live, a.scales + base + g);
             _mm512_storeu_ps(buf + g, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dots), _mm512_set1_ps(qs)), sc));
         }
-        select_block(buf, base, count, allow, a.filters, h);
+        select_block(buf, base, count, allow, a.filters_of(0), h);
     }
 }
 #endif
@@ -528,7 +529,7 @@ static void scan_i8i_avx2(const ScanArgs& a, std::int64_t begin, std::int64_t en
             else
                 i8i_block_avx2<false>(q8 + q * d, qw.data() + static_cast<std::size_t>(q) * d, x0, count, d,
                                       a.query_scales[q], a.scales + base, buf, q == 0);
-            select_block(buf, base, count, allow, a.filters, heaps[q]);
+            select_block(buf, base, count, allow, a.filters_of(q), heaps[q]);
         }
     }
 }
@@ -590,11 +591,11 @@ static inline void packed_tile(const std::uint8_t* tile, int groups, const Packe
 #endif
 
 #if EDGEREC_AVX2_HELPERS
-// A few float32 queries (nq < kBatchMin) against float32 or int8 items with AVX2 (256-bit; the AVX-512 builds run
-// it too: it beat their 512-bit row loop, one horizontal sum per row, by 20-30 % at N = 1M), 8 rows per step: one
-// query load serves 8 rows, 8 independent FMA chains hide the FMA latency, and one hsum8 reduces the 8 rows
-// together. int8 items are widened by vpmovsxbd straight from memory (one load + one shuffle per 8 values) and
-// vcvtdq2ps.
+// A few float32 queries (nq < kBatchMin) against float32 or int8 items, 8 rows per step (this loop beat a 512-bit
+// loop of one row and one horizontal sum at a time by 20-30 % at N = 1M): one query load serves 8 rows, 8
+// independent FMA chains hide the FMA latency, and one tree reduces the 8 rows together. int8 items are widened by
+// vpmovsxbd straight from memory (one load + one shuffle per 8 values, 16 with AVX-512) and vcvtdq2ps. The dots are
+// dots8_f: 256-bit here, 512-bit in the AVX-512 builds.
 static inline __m256 load8x(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8x(const std::int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -633,6 +634,82 @@ static inline void dots8_f_avx2(const float* q, const Item* xr, const Stored* xt
     _mm256_store_ps(out, dots);
 }
 
+#if defined(__AVX512F__) && EDGEREC_W == 16
+// The AVX-512 builds' 8-row dots: 16 columns per FMA (half the FMAs and widening instructions of the 256-bit
+// kernel). Lane l of row r's accumulator sums the columns j = l (mod 16) of [0, d16) in order, and hsum16x8 reduces
+// the 16 lanes; the products of the columns [d16, d8) (8 when d is 8 mod 16) are summed by hsum8 and added, then a
+// tail [d8, d) from tail8, then the scale. That is the order every call of this level uses, a lone query and a batch
+// alike, so batched queries still get a lone query's bits.
+static inline __m512 load16x(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16x(const std::int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// Lane r of the result = sum of the 16 lanes of v_r, for 8 rows: per row, lanes l and l + 8 are added, then l and
+// l + 4, then l and l + 2, then l and l + 1 (one tree of 512-bit shuffles for the 8 rows: 16 shuffles, 8 adds).
+__attribute__((always_inline)) static inline __m256 hsum16x8(__m512 v0, __m512 v1, __m512 v2, __m512 v3, __m512 v4,
+                                                             __m512 v5, __m512 v6, __m512 v7) {
+    // [row r: l + (l + 8), row r + 1: l + (l + 8)], 8 lanes each
+    const __m512 p0 = _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x44), _mm512_shuffle_f32x4(v0, v1, 0xEE));
+    const __m512 p1 = _mm512_add_ps(_mm512_shuffle_f32x4(v2, v3, 0x44), _mm512_shuffle_f32x4(v2, v3, 0xEE));
+    const __m512 p2 = _mm512_add_ps(_mm512_shuffle_f32x4(v4, v5, 0x44), _mm512_shuffle_f32x4(v4, v5, 0xEE));
+    const __m512 p3 = _mm512_add_ps(_mm512_shuffle_f32x4(v6, v7, 0x44), _mm512_shuffle_f32x4(v6, v7, 0xEE));
+    // 128-bit lane k of w0 = row k, of w1 = row 4 + k: (l) + (l + 4), 4 lanes
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(p0, p1, 0x88), _mm512_shuffle_f32x4(p0, p1, 0xDD));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(p2, p3, 0x88), _mm512_shuffle_f32x4(p2, p3, 0xDD));
+    // lane k: [row k: e0 + e2, e1 + e3, row k + 4: e0 + e2, e1 + e3]
+    const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(w0), _mm512_castps_pd(w1))),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(w0), _mm512_castps_pd(w1))));
+    const __m512 t = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));   // row k at 4k, row k + 4 at 4k + 2
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, t));
+}
+template <typename Item, typename Stored>
+__attribute__((always_inline)) static inline void dots8_f_avx512(const float* q, const Item* xr, const Stored* xt,
+                                                                 int d, const float* scales, float* out) {
+    const int d16 = d / 16 * 16, d8 = d / 8 * 8;
+    const std::int64_t s = d;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int j = 0; j < d16; j += 16) {
+        const __m512 qv = _mm512_loadu_ps(q + j);
+        const Item* x = xr + j;
+        a0 = _mm512_fmadd_ps(qv, load16x(x), a0);
+        a1 = _mm512_fmadd_ps(qv, load16x(x + s), a1);
+        a2 = _mm512_fmadd_ps(qv, load16x(x + 2 * s), a2);
+        a3 = _mm512_fmadd_ps(qv, load16x(x + 3 * s), a3);
+        a4 = _mm512_fmadd_ps(qv, load16x(x + 4 * s), a4);
+        a5 = _mm512_fmadd_ps(qv, load16x(x + 5 * s), a5);
+        a6 = _mm512_fmadd_ps(qv, load16x(x + 6 * s), a6);
+        a7 = _mm512_fmadd_ps(qv, load16x(x + 7 * s), a7);
+    }
+    __m256 dots = hsum16x8(a0, a1, a2, a3, a4, a5, a6, a7);
+    if (d8 > d16) {   // 8 columns left: one 256-bit product per row, summed by the 8-row tree
+        const __m256 qv = _mm256_loadu_ps(q + d16);
+        __m256 more[8];
+        for (int r = 0; r < 8; ++r) more[r] = _mm256_mul_ps(qv, load8x(xr + r * s + d16));
+        dots = _mm256_add_ps(dots, hsum8(more));
+    }
+    if (d8 < d) {
+        alignas(32) float rest[8];
+        tail8<Stored>(q, xt, d, d8, rest);
+        dots = _mm256_add_ps(dots, _mm256_load_ps(rest));
+    }
+    if (scales) dots = _mm256_mul_ps(dots, _mm256_loadu_ps(scales));
+    _mm256_store_ps(out, dots);
+}
+#endif
+
+// The 8-row dots of this build: 512-bit with AVX-512, else 256-bit.
+template <typename Item, typename Stored>
+__attribute__((always_inline)) static inline void dots8_f(const float* q, const Item* xr, const Stored* xt, int d, int dv, const float* scales,
+                           float* out) {
+#if defined(__AVX512F__) && EDGEREC_W == 16
+    (void)dv;
+    dots8_f_avx512(q, xr, xt, d, scales, out);
+#else
+    dots8_f_avx2(q, xr, xt, d, dv, scales, out);
+#endif
+}
+
 // Several queries against int8 items: each 8-row step is widened to float once (exact: int8 -> float) into wide,
 // then every query runs the float kernel over it, so the products and their order are those of a single-query
 // call (the result of a query does not depend on the others) and the widening is paid once per row.
@@ -644,7 +721,10 @@ static void scan_f_avx2(const ScanArgs& a, std::int64_t begin, std::int64_t end,
     const Item* items = static_cast<const Item*>(a.items);
     constexpr bool kWiden = std::is_same<Item, std::int8_t>::value;
     const bool widen = kWiden && a.nq > 1;
-    std::vector<float> wide(widen ? static_cast<std::size_t>(8) * d : 0);
+    // 64-byte aligned: the widened rows are stored and read again with 512-bit moves (a line-split store does not
+    // forward to the loads that follow; measured 1.3x on the 12k-item batch)
+    struct alignas(64) Line { float v[16]; };
+    std::vector<Line> wide(widen ? (static_cast<std::size_t>(8) * d + 15) / 16 : 0);
     struct alignas(64) ScoreBlock { float v[BLOCK]; };   // select_block reads it with aligned loads
     std::vector<ScoreBlock> bufs(a.nq);
     for (std::int64_t base = begin; base < end; base += BLOCK) {
@@ -658,16 +738,19 @@ static void scan_f_avx2(const ScanArgs& a, std::int64_t begin, std::int64_t end,
             const Item* xr = x0 + static_cast<std::int64_t>(t) * d;
             prefetch_lines(xr + 16 * d, 8 * d * sizeof(Item));  // 2 steps ahead
             if (widen) {
-                float* w = wide.data();
+                float* w = wide.data()->v;
                 int e = 0;
+#if defined(__AVX512F__) && EDGEREC_W == 16
+                for (; e + 16 <= 8 * d; e += 16) _mm512_storeu_ps(w + e, load16x(xr + e));
+#endif
                 for (; e + 8 <= 8 * d; e += 8) _mm256_storeu_ps(w + e, load8x(xr + e));
                 for (; e < 8 * d; ++e) w[e] = static_cast<float>(xr[e]);
                 for (int qi = 0; qi < a.nq; ++qi)
-                    dots8_f_avx2(queries + static_cast<std::int64_t>(qi) * d, w, xr, d, dv, sc ? sc + t : nullptr,
+                    dots8_f(queries + static_cast<std::int64_t>(qi) * d, w, xr, d, dv, sc ? sc + t : nullptr,
                                  bufs[qi].v + t);
             } else {
                 for (int qi = 0; qi < a.nq; ++qi)
-                    dots8_f_avx2(queries + static_cast<std::int64_t>(qi) * d, xr, xr, d, dv, sc ? sc + t : nullptr,
+                    dots8_f(queries + static_cast<std::int64_t>(qi) * d, xr, xr, d, dv, sc ? sc + t : nullptr,
                                  bufs[qi].v + t);
             }
         }
@@ -678,7 +761,7 @@ static void scan_f_avx2(const ScanArgs& a, std::int64_t begin, std::int64_t end,
                 const float s = dot_f(q, x0 + static_cast<std::int64_t>(r) * d, d);
                 buf[r] = sc ? s * sc[r] : s;
             }
-            select_block(buf, base, count, allow, a.filters, heaps[qi]);
+            select_block(buf, base, count, allow, a.filters_of(qi), heaps[qi]);
         }
     }
 }
@@ -727,7 +810,7 @@ static void scan_i8i_neon(const ScanArgs& a, std::int64_t begin, std::int64_t en
             for (; t < count; ++t)
                 buf[t] = (static_cast<float>(dot_i8i(q, x0 + static_cast<std::int64_t>(t) * d, d)) *
                           a.query_scales[qi]) * scales[t];
-            select_block(buf, base, count, allow, a.filters, heaps[qi]);
+            select_block(buf, base, count, allow, a.filters_of(qi), heaps[qi]);
         }
     }
 }
@@ -842,7 +925,7 @@ static void scan_packed(const ScanArgs& a, std::int64_t begin, std::int64_t end,
                 }
                 packed_tile(tile, groups, pqs[q], a.scales + base + g0, std::min(kTileRows, count - g0), buf + g0);
             }
-            select_block(buf, base, count, allow, a.filters, heaps[q]);
+            select_block(buf, base, count, allow, a.filters_of(q), heaps[q]);
         }
     }
 }
@@ -859,7 +942,7 @@ static void scan_rows(const ScanArgs& a, std::int64_t begin, std::int64_t end, H
         const Item* rows = static_cast<const Item*>(a.items) + base * a.d;
         for (int q = 0; q < a.nq; ++q) {
             for (int t = 0; t < count; ++t) buf[t] = score_row(q, rows + t * a.d, base + t);
-            select_block(buf, base, count, allow, a.filters, heaps[q]);
+            select_block(buf, base, count, allow, a.filters_of(q), heaps[q]);
         }
     }
 }
@@ -952,7 +1035,7 @@ __attribute__((noinline)) static void scan_batch(const ScanArgs& a, std::int64_t
                 if (a.scales) val = (post_scale_q ? val * post_scale_q[q] : val) * a.scales[base + i];
                 buf[i] = val;
             }
-            select_block(buf, base, count, allow, a.filters, heaps[q]);
+            select_block(buf, base, count, allow, a.filters_of(q), heaps[q]);
         }
     }
 }

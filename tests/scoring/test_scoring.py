@@ -293,7 +293,7 @@ def test_native_releases_the_gil():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("int8_items", [False, True])
-@pytest.mark.parametrize("d", [7, 64, 100])
+@pytest.mark.parametrize("d", [7, 40, 64, 100])   # 40 and 100: the AVX-512 kernel's 8- and 4-column tails
 def test_per_query_batches_equal_single_queries_bit_for_bit(backend, int8_items, d):
     """Random float queries (real-valued: sums are not exact, so the order of additions shows in the last bits):
     with per_query=True every row of a batch, of any size, is exactly what a call with that query alone returns,
@@ -315,6 +315,60 @@ def test_per_query_batches_equal_single_queries_bit_for_bit(backend, int8_items,
             np.testing.assert_array_equal(sc[b], one[1])
         rid, rsc = reference(q, items, 25, exclude=excl, allow=scoring.unpack_mask(allow, n), **kw)
         np.testing.assert_allclose(sc, rsc, rtol=1e-5, atol=1e-5)   # and right, within float rounding
+
+
+@pytest.mark.parametrize("int8_items", [False, True])
+@pytest.mark.parametrize("d", [7, 40, 64])
+def test_per_query_exclusions_equal_lone_calls(int8_items, d):
+    """topk_served with one exclusion list per query (the daemon's shared scan of a batch): each query gets
+    exactly what a lone call with its own list returns: empty lists, repeats, lists of the query's own top items,
+    a list reaching the last row, and a catalog so small that some rows come back shorter than k."""
+    rng = np.random.default_rng(d + 100 * int8_items)
+    for n in (3000, 30):
+        items = rng.standard_normal((n, d)).astype(np.float32)
+        scales = None
+        if int8_items:
+            items, scales = scoring.quantize_rows(items)
+        allow = scoring.pack_mask(rng.random(n) < 0.9)
+        q = rng.standard_normal((9, d)).astype(np.float32)
+        lists = []
+        for b in range(9):
+            top = scoring.topk(q[b], items, 20, item_scales=scales, allow=allow)[0].tolist()
+            lists.append([[], top[:5], top + top[:3], rng.integers(0, n, 40).tolist(), [n - 1, 0],
+                          top[:1], [], top[::2], list(range(min(n, 25)))][b])
+        got = scoring.topk_served(q, items, 12, scales, None, allow, per_query=True, query_excludes=lists)
+        assert len(got) == 9
+        for b, (ids, sc) in enumerate(got):
+            one = scoring.topk_served(q[b], items, 12, scales, lists[b] or None, allow)
+            np.testing.assert_array_equal(ids, one[0])
+            np.testing.assert_array_equal(sc, one[1])
+            assert ids.dtype == np.int64 and sc.dtype == np.float32
+            assert not set(ids.tolist()) & set(lists[b])
+        if n == 30:   # 25 of 30 excluded (and some not allowed): that row is short, the others are not cut to it
+            assert len(got[8][0]) <= 5 < len(got[0][0]) == 12
+    with pytest.raises(ValueError, match="outside"):
+        scoring.topk_served(q, items, 5, scales, None, None, per_query=True, query_excludes=[[n]] + [[]] * 8)
+    with pytest.raises(ValueError, match="one list per query"):
+        scoring.topk_served(q, items, 5, scales, None, None, per_query=True, query_excludes=[[]] * 8)
+
+
+@pytest.mark.skipif(scoring.BACKEND != "native", reason="the native kernel's own argument checks")
+def test_native_rejects_bad_exclude_offsets():
+    """The kernel's per-query exclusion lists (exclude + exclude_offsets) are checked, with a message."""
+    from edge_runtime.scoring import _native
+    rng = np.random.default_rng(2)
+    items = rng.standard_normal((100, 8)).astype(np.float32)
+    q = rng.standard_normal((2, 8)).astype(np.float32)
+    ex = np.array([1, 5, 3, 4], dtype=np.int64)
+    for off, msg in (([0, 2], "B \\+ 1"), ([0, 5, 4], "not decrease"), ([0, 2, 3], "end at len"),
+                     ([1, 2, 4], "start at 0"), ([0, 1, 4], "sorted and unique")):
+        with pytest.raises(ValueError, match=msg):
+            _native.topk(q, items, 3, None, None, None, ex, 1, True, np.array(off, dtype=np.int64))
+    with pytest.raises(ValueError, match="needs exclude"):
+        _native.topk(q, items, 3, None, None, None, None, 1, True, np.array([0, 0, 0], dtype=np.int64))
+    ids, sc, sizes = _native.topk(q, items[:3], 3, None, None, None, np.array([0, 1, 2], dtype=np.int64), 1, True,
+                                  np.array([0, 0, 3], dtype=np.int64))
+    assert sizes.tolist() == [3, 0] and ids[1].tolist() == [-1, -1, -1] and np.isneginf(sc[1]).all()
 
 
 def test_topk_served_equals_topk():

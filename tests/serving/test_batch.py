@@ -32,7 +32,7 @@ def mixed_requests(model: Model, n: int = 40, seed: int = 3) -> list[dict]:
         p = {"history": hist, "k": int(rng.choice([1, 5, 10, 37]))}
         if i % 5 == 1:
             p["exclude_seen"] = False
-        if i % 4 == 2:   # exclude what this context would get first: the over-fetch must reach past them
+        if i % 4 == 2:   # exclude what this context would get first: the shared scan must reach past them
             top = scoring.topk(model.encode(model.rows(hist)[0]), model.items, 15, item_scales=model.scales)[0]
             p["filters"] = {"exclude": [ids[r] for r in top.tolist()]}
         out.append(p)
@@ -81,8 +81,8 @@ def test_batched_replies_equal_lone_replies(model, mode):
 
 
 def test_score_jobs_equals_score_one_with_exclusions_inside(model):
-    """The pure scoring function: a group's shared scan with k + |exclude| over-fetch gives what one scan with the
-    exclusions inside gives, on random contexts whose exclusions are their own top items."""
+    """The pure scoring function: a group's shared scan, each request's exclusions inside it as its own list, gives
+    what a scan of each request alone gives, on random contexts whose exclusions are their own top items."""
     rng = np.random.default_rng(11)
     clock = StageClock()
     jobs = []
