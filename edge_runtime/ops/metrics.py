@@ -76,6 +76,29 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes:
             return bytes(head)
 
 
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A lingering close (RFC 9112 9.6): after an error reply to a head that was not read to its end, send EOF and
+    read and discard what the client still sends, for up to ``const.LINGER_SECONDS`` and
+    ``const.HTTP_LINGER_BYTES``, so the client reads the reply instead of a connection reset (closing a socket with
+    unread bytes makes the kernel send RST, which can destroy the reply in flight)."""
+    if not writer.can_write_eof():
+        return
+    writer.write_eof()
+    left = const.HTTP_LINGER_BYTES
+    deadline = asyncio.get_running_loop().time() + const.LINGER_SECONDS
+    try:
+        while left > 0:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            chunk = await asyncio.wait_for(reader.read(min(left, 65536)), remaining)
+            if not chunk:
+                return
+            left -= len(chunk)
+    except (asyncio.TimeoutError, ConnectionError):
+        return
+
+
 class _ServiceCollector:
     def __init__(self, service, sync=None):
         self.service, self.sync = service, sync
@@ -298,6 +321,8 @@ class Metrics:
                          + str(len(body)).encode() + b"\r\nCache-Control: no-store\r\n" + extra
                          + b"Connection: close\r\n\r\n" + (body if parts[:1] != [b"HEAD"] else b""))
             await asyncio.wait_for(writer.drain(), HTTP_TIMEOUT_S)
+            if status.startswith(b"431"):   # the head was not read to its end: the client may still be sending it
+                await _linger(reader, writer)
         except (asyncio.TimeoutError, ConnectionError):
             pass
         finally:
