@@ -137,7 +137,7 @@ def topk_served(queries: np.ndarray, items: np.ndarray, k: int, item_scales: np.
     otherwise it is ``topk``. Same results, same returns.
 
     ``query_excludes`` (a batch [B, d] with ``per_query``, ``exclude`` None): one exclusion list per query (rows,
-    any order, repeats allowed; empty for none), applied inside the one shared scan. Returns then a list of B
+    any order, repeats allowed; empty or None for none), applied inside the one shared scan. Returns then a list of B
     (ids int64 [k_b], scores float32 [k_b]) pairs, each exactly what a lone call of that query with its own
     list returns (the native kernel takes all the lists in one call; the fallbacks make one call per query).
 
@@ -145,6 +145,8 @@ def topk_served(queries: np.ndarray, items: np.ndarray, k: int, item_scales: np.
         ValueError: as ``topk`` (an exclusion outside [0, N) included).
     """
     if query_excludes is not None:
+        if exclude is not None or not per_query:
+            raise ValueError("query_excludes replaces exclude and needs per_query=True (each query's own list)")
         return _topk_each(queries, items, k, item_scales, allow, query_excludes)
     if BACKEND != "native" or queries.dtype != np.float32 or isinstance(items, PackedInt8):
         return topk(queries, items, k, item_scales=item_scales, exclude=exclude, allow=allow, items_checked=True,
@@ -168,7 +170,7 @@ def _topk_each(queries: np.ndarray, items: np.ndarray, k: int, item_scales: np.n
         raise ValueError(f"query_excludes needs one list per query of a [B, d] batch, got {len(query_excludes)} "
                          f"lists for queries of shape {queries.shape}")
     n = items.shape[0]
-    lists = [sorted(set(ex)) for ex in query_excludes]
+    lists = [sorted(set(ex)) if ex is not None else [] for ex in query_excludes]
     flat: list[int] = []
     offsets = [0]
     for ex in lists:   # plain lists, then one array each: ~4 µs for 4 lists of 8 (generators and cumsum: ~9)

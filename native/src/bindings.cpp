@@ -66,13 +66,15 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
     require(queries.shape(1) == a.d, "queries and items must have the same dimension d");
     require(a.d >= 1 && a.d <= 16384, "d must be between 1 and 16384");
     require(a.nq <= 4096, "at most 4096 queries per call");
-    py::array_t<float> iscales, qscales;
+    // py::array, not py::array_t<T>: assigning to an array_t converts any dtype silently, and check_array would
+    // only see the converted copy (float64 scales, int32 exclusions, float offsets went through)
+    py::array iscales, qscales;
     if (int8_items) {
         require(!item_scales.is_none(), "int8 items need item_scales (float32 [N])");
         iscales = py::cast<py::array>(item_scales);
         check_array<float>(iscales, "item_scales", 1);
         require(iscales.shape(0) == a.n, "item_scales must have one scale per item row");
-        a.scales = iscales.data();
+        a.scales = static_cast<const float*>(iscales.data());
         a.items = items.data();
         if (int8_queries) {
             require(!query_scales.is_none(), "int8 queries need query_scales (float32 [B])");
@@ -80,7 +82,7 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
             check_array<float>(qscales, "query_scales", 1);
             require(qscales.shape(0) == a.nq, "query_scales must have one scale per query");
             require(a.d <= 1024, "int8 queries support d <= 1024 (exact accumulation); use float32 queries");
-            a.query_scales = qscales.data();
+            a.query_scales = static_cast<const float*>(qscales.data());
             a.mode = packed ? Mode::I8P_I8Q : Mode::I8_I8Q;
         } else {
             require(!packed, "packed int8 items need int8 queries (quantize_queries)");
@@ -92,20 +94,21 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
         a.mode = Mode::F32;
     }
     a.queries = queries.data();
-    py::array_t<std::uint8_t> allow_arr;
+    py::array allow_arr;
     if (!allow.is_none()) {
         allow_arr = py::cast<py::array>(allow);
         check_array<std::uint8_t>(allow_arr, "allow", 1);
         require(allow_arr.shape(0) * 8 >= a.n, "allow must hold at least ceil(N / 8) bytes (pack_mask)");
-        a.filters.allow = allow_arr.data();
+        a.filters.allow = static_cast<const std::uint8_t*>(allow_arr.data());
         a.filters.allow_bytes = allow_arr.shape(0);
     }
-    py::array_t<std::int64_t> excl_arr, off_arr;
+    py::array excl_arr, off_arr;
     std::vector<edgerec::Filters> per_q;
+    bool sized = false;   // per-query lists: rows keep their own lengths, and the reply has their sizes
     if (!exclude.is_none()) {
         excl_arr = py::cast<py::array>(exclude);
         check_array<std::int64_t>(excl_arr, "exclude", 1);
-        const std::int64_t* ex = excl_arr.data();
+        const std::int64_t* ex = static_cast<const std::int64_t*>(excl_arr.data());
         const std::int64_t n_ex = excl_arr.shape(0);
         if (exclude_offsets.is_none()) {
             a.filters.exclude = ex;
@@ -117,7 +120,7 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
             off_arr = py::cast<py::array>(exclude_offsets);
             check_array<std::int64_t>(off_arr, "exclude_offsets", 1);
             require(off_arr.shape(0) == a.nq + 1, "exclude_offsets must hold B + 1 offsets");
-            const std::int64_t* off = off_arr.data();
+            const std::int64_t* off = static_cast<const std::int64_t*>(off_arr.data());
             require(off[0] == 0 && off[a.nq] == n_ex,
                     "exclude_offsets must start at 0 and end at len(exclude)");
             for (int q = 0; q < a.nq; ++q)   // so every list lies inside exclude before any is read
@@ -131,6 +134,7 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
                 per_q[q].n_exclude = off[q + 1] - off[q];
             }
             a.query_filters = per_q.data();
+            sized = true;
         }
     } else {
         require(exclude_offsets.is_none(), "exclude_offsets needs exclude");
@@ -163,7 +167,6 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
             for (int q = 0; q < a.nq; ++q)
                 for (int j = 0; j < parts[t][q].size; ++j) merged[q].push(parts[t][q].score[j], parts[t][q].index[j]);
     }
-    const bool sized = a.query_filters != nullptr;   // per-query lists: rows keep their own lengths
     int width = sized ? 0 : kk;
     for (const Heap& h : merged) width = sized ? std::max(width, h.size) : std::min(width, h.size);
     if (a.nq == 0) width = 0;

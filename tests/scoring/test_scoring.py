@@ -350,6 +350,13 @@ def test_per_query_exclusions_equal_lone_calls(int8_items, d):
         scoring.topk_served(q, items, 5, scales, None, None, per_query=True, query_excludes=[[n]] + [[]] * 8)
     with pytest.raises(ValueError, match="one list per query"):
         scoring.topk_served(q, items, 5, scales, None, None, per_query=True, query_excludes=[[]] * 8)
+    with pytest.raises(ValueError, match="replaces exclude"):   # never one of the two silently ignored
+        scoring.topk_served(q, items, 5, scales, [1], None, per_query=True, query_excludes=[[]] * 9)
+    with pytest.raises(ValueError, match="per_query=True"):
+        scoring.topk_served(q, items, 5, scales, None, None, query_excludes=[[]] * 9)
+    assert scoring.topk_served(q[:0], items, 5, scales, None, None, per_query=True, query_excludes=[]) == []
+    none = scoring.topk_served(q[:2], items, 5, scales, None, None, per_query=True, query_excludes=[None, [0]])
+    np.testing.assert_array_equal(none[0][0], scoring.topk_served(q[0], items, 5, scales, None, None)[0])
 
 
 @pytest.mark.skipif(scoring.BACKEND != "native", reason="the native kernel's own argument checks")
@@ -369,6 +376,19 @@ def test_native_rejects_bad_exclude_offsets():
     ids, sc, sizes = _native.topk(q, items[:3], 3, None, None, None, np.array([0, 1, 2], dtype=np.int64), 1, True,
                                   np.array([0, 0, 3], dtype=np.int64))
     assert sizes.tolist() == [3, 0] and ids[1].tolist() == [-1, -1, -1] and np.isneginf(sc[1]).all()
+    empty = _native.topk(q[:0], items, 3, None, None, None, ex[:0], 1, True, np.array([0], dtype=np.int64))
+    assert len(empty) == 3 and empty[0].shape == (0, 0) and empty[2].shape == (0,)   # B = 0: still three arrays
+    # a wrong dtype is refused, not converted (float offsets were truncated, int32 lists and float64 scales cast)
+    for bad in (np.array([0, 2.7, 4]), np.array([0, 2, 4], dtype=np.int32), np.array([0, 2, 4], dtype=">i8")):
+        with pytest.raises(ValueError, match="exclude_offsets has the wrong dtype"):
+            _native.topk(q, items, 3, None, None, None, ex, 1, True, bad)
+    with pytest.raises(ValueError, match="exclude has the wrong dtype"):
+        _native.topk(q, items, 3, None, None, None, ex.astype(np.int32))
+    i8 = rng.integers(-127, 128, (100, 8)).astype(np.int8)
+    with pytest.raises(ValueError, match="item_scales has the wrong dtype"):
+        _native.topk(q, i8, 3, np.ones(100))
+    with pytest.raises(ValueError, match="allow has the wrong dtype"):
+        _native.topk(q, items, 3, None, None, np.full(13, 255, dtype=np.int16))
 
 
 def test_topk_served_equals_topk():
