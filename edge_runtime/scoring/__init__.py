@@ -30,7 +30,7 @@ from . import numpy_kernel
 from .arrays import check_items, dense_scores, fix_hint, pack_mask, unpack_mask
 from .quantize import quantize_queries, quantize_rows
 
-__all__ = ["BACKEND", "IMPLEMENTATION", "PackedInt8", "available_backends", "dense_scores", "pack_int8",
+__all__ = ["BACKEND", "FALLBACK_NOTE", "IMPLEMENTATION", "PackedInt8", "available_backends", "dense_scores", "pack_int8",
            "pack_mask", "quantize_queries", "quantize_rows", "simd_level", "topk", "topk_served", "unpack_mask"]
 
 _FORCED = (env_value("SCORING") or "").strip().lower()
@@ -42,8 +42,12 @@ if _FORCED not in ("", "native", "numba", "numpy"):
 
 try:
     from . import _native
-except ImportError:
+    _NATIVE_MISSING = ""
+except ImportError as _exc:
     _native = None
+    # no module at all: never built; a module that fails to load (another Python, a missing library) says why
+    _NATIVE_MISSING = ("not built (no C++ compiler or CMake when edgerec was installed)"
+                       if isinstance(_exc, ModuleNotFoundError) else f"built but not loadable ({_exc})")
 
 
 def _load_numba():
@@ -68,6 +72,16 @@ elif _FORCED == "numba":
 else:
     BACKEND = "numpy"
 IMPLEMENTATION = "native-" + _native.simd_level() if BACKEND == "native" else BACKEND
+# Why scoring is not on the native kernel when nobody asked for that ("" otherwise): the daemon logs it as a
+# warning at start (pip hides a failed kernel build, and the fallbacks are several times slower).
+if BACKEND == "native" or _FORCED:
+    FALLBACK_NOTE = ""
+elif _NO_NATIVE:
+    FALLBACK_NOTE = f"EDGEREC_NO_NATIVE=1: scoring through {BACKEND}, not the native kernel"
+else:
+    FALLBACK_NOTE = (f"the native top-k kernel is {_NATIVE_MISSING}: scoring through {BACKEND}, several times "
+                     f"slower; install g++ and cmake, then pip install --force-reinstall --no-deps . "
+                     f"(EDGEREC_REQUIRE_NATIVE=1 makes a failed build an error)")
 
 MAX_QUERIES = const.MAX_QUERIES
 MAX_DIM = const.MAX_DIM

@@ -77,3 +77,29 @@ def test_old_environment_names_still_work_with_a_deprecation_line():
                                                                  EDGE_RUNTIME_SIMD="scalar"),
                           capture_output=True, text=True, check=True, cwd=PACKAGE_ROOT)
     assert both.stdout.strip() == f"native-{levels()[0]}" and "deprecated" not in both.stderr
+
+
+def test_a_fallback_says_why_and_the_daemon_warns(tiny_bundle, tmp_path):
+    """Scoring off the native kernel without being asked to (pip hides a failed kernel build) is named in
+    scoring.FALLBACK_NOTE, and the daemon logs it as a warning at start; on the native kernel, or on a backend the
+    environment forced, there is nothing to say."""
+    from edgerec.process import free_port, start_daemon, stop_daemon
+    code = "from edge_runtime import scoring; print(scoring.BACKEND, '|', scoring.FALLBACK_NOTE)"
+
+    def note(**env) -> tuple[str, str]:
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+                             text=True, check=True, cwd=PACKAGE_ROOT).stdout
+        backend, text = (part.strip() for part in out.split("|", 1))
+        return backend, text
+
+    backend, text = note(EDGEREC_NO_NATIVE="1")
+    assert backend in ("numba", "numpy") and text.startswith(f"EDGEREC_NO_NATIVE=1: scoring through {backend}")
+    assert note(EDGEREC_SCORING="numpy") == ("numpy", "")   # asked for: not a fallback
+    if levels():
+        assert note() == ("native", "")
+    port = free_port()
+    proc = start_daemon(tiny_bundle, port, ["--no-discovery"], log_path=tmp_path / "d.log",
+                        env=dict(os.environ, EDGEREC_NO_NATIVE="1"))
+    assert stop_daemon(proc) == 0
+    warned = [line for line in (tmp_path / "d.log").read_text().splitlines() if "EDGEREC_NO_NATIVE=1" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0], warned
