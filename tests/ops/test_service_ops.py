@@ -345,6 +345,45 @@ def test_unit_file_verifies():
     assert "edgerec.service" not in r.stderr, r.stderr    # no warnings about the unit
 
 
+def test_upstream_unit_files_verify():
+    """deploy/edgerec-registry.service and deploy/edgerec-loop.service (the upstream machine) pass systemd-analyze
+    verify with no warning about them, run commands this edgerec accepts, and share the state directory their
+    paths point into."""
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        if os.environ.get("EDGEREC_REQUIRE_SYSTEMD_ANALYZE"):
+            pytest.fail("systemd-analyze is required here (EDGEREC_REQUIRE_SYSTEMD_ANALYZE) but not installed")
+        pytest.skip("systemd-analyze not installed (.ci/run installs it)")
+    exe = shutil.which("edgerec") or sys.executable
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgerec-verify-up-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    units = {}
+    for name in ("edgerec-registry.service", "edgerec-loop.service"):
+        units[name] = (ROOT / "deploy" / name).read_text()
+        for key in ("Type=exec", "Restart=on-failure", "User=edgerec", "StateDirectory=edgerec-upstream",
+                    "ProtectSystem=strict", "NoNewPrivileges=yes", "KillSignal=SIGTERM"):
+            assert key in units[name], (name, key)
+        (tmp / name).write_text(units[name].replace("/opt/edgerec/venv/bin/edgerec", exe))
+    r = subprocess.run([tool, "verify", *(str(tmp / n) for n in units)], capture_output=True, text=True, timeout=60)
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr
+    assert "edgerec-registry.service" not in r.stderr and "edgerec-loop.service" not in r.stderr, r.stderr
+    # the commands: every flag is one the CLI has (its --help lists it), and the paths meet
+    for name, sub, flags in (("edgerec-registry.service", "registry", ("--bundles", "--collect")),
+                             ("edgerec-loop.service", "loop", ("--checkpoint", "--collect", "--registry", "--key",
+                                                               "--workdir", "--interval"))):
+        line = units[name].split("ExecStart=", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+        assert line.split()[1] == sub
+        helptext = subprocess.run([sys.executable, "-m", "edgerec", sub, "--help"], capture_output=True, text=True,
+                                  timeout=60, cwd=ROOT).stdout
+        for flag in flags:
+            assert f" {flag} " in line and flag in helptext, (name, flag)
+    assert "/var/lib/edgerec-upstream/bundles" in units["edgerec-loop.service"]
+    assert "/var/lib/edgerec-upstream/collect" in units["edgerec-loop.service"]
+    assert "LoadCredential=signing.key:" in units["edgerec-loop.service"] and "%d/signing.key" in units[
+        "edgerec-loop.service"]
+
+
 # --------------------------------------------------------------------------- defects found by a breaker, fixed
 def test_binary_config_and_bracketed_ipv6_registry(tmp_path):
     f = tmp_path / "c.toml"
