@@ -79,7 +79,7 @@ setup(
         "onnxruntime>=1.17",
         "msgpack>=1.0",
         "zeroconf>=0.100",
-        "cryptography>=41",
+        "cryptography>=42",   # Certificate.not_valid_after_utc
         "prometheus_client>=0.17",
         "python-json-logger>=3.1",
         "tomli>=1.1; python_version < '3.11'",

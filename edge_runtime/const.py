@@ -41,6 +41,7 @@ ACCEPT_BATCH = 64
 # the client reads the error rather than a TCP reset caused by its own unread bytes.
 LINGER_SECONDS = 2.0         # s
 HTTP_LINGER_BYTES = 1 << 20    # bytes the metrics endpoint reads and discards after a 431 before it closes
+TLS_CERT_WARN_DAYS = 14       # days before its end that the process's own certificate is warned about at start
 # On SIGTERM, requests in flight get at most this long to finish before they are cancelled.
 DRAIN_SECONDS = 10.0         # s
 MAX_MSGID = 0xFFFFFFFF       # msgpack-rpc msgids are uint32

@@ -11,16 +11,18 @@ token of the ``peer`` role).
 """
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import logging
 import pwd
 import socket
 import ssl
 
+from .. import const
 from ..errors import ConfigError
 from ..rpc.auth import Authenticator, read_token_file
 from ..rpc.client import Credentials
-from ..rpc.tls import client_context, server_context
+from ..rpc.tls import certificate_window, client_context, server_context
 
 log = logging.getLogger("edgerec")
 
@@ -90,7 +92,36 @@ def server_tls(cfg: dict) -> ssl.SSLContext | None:
         if t["key_file"]:
             raise ConfigError("tls.key_file is set without tls.cert_file")
         return None
-    return server_context(t["cert_file"], t["key_file"], t["ca_file"])
+    ctx = server_context(t["cert_file"], t["key_file"], t["ca_file"])
+    check_certificate_dates(t["cert_file"])
+    return ctx
+
+
+def check_certificate_dates(cert_file: str, now: dt.datetime | None = None) -> str | None:
+    """Log the process's certificate when clients will refuse it or soon will: an error when it has expired or is
+    not valid yet, a warning within ``const.TLS_CERT_WARN_DAYS`` of its end. Serving goes on either way (the
+    plain Unix socket still works; a renewed file is read at the next restart). Returns the message, or None."""
+    window = certificate_window(cert_file)
+    if window is None:
+        return None
+    start, end = window
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if now >= end:
+        msg = (f"tls.cert_file {cert_file} expired on {end:%Y-%m-%d %H:%M} UTC: TLS clients will refuse every "
+               f"connection; renew it and restart")
+        log.error("%s", msg)
+    elif now < start:
+        msg = (f"tls.cert_file {cert_file} is not valid before {start:%Y-%m-%d %H:%M} UTC: TLS clients will refuse "
+               f"it until then (is this machine's clock right?)")
+        log.error("%s", msg)
+    elif end - now <= dt.timedelta(days=const.TLS_CERT_WARN_DAYS):
+        left = end - now
+        msg = (f"tls.cert_file {cert_file} expires on {end:%Y-%m-%d %H:%M} UTC, in {left.days} d "
+               f"{left.seconds // 3600} h: renew it and restart before then")
+        log.warning("%s", msg)
+    else:
+        return None
+    return msg
 
 
 def client_credentials(cfg: dict) -> Credentials:

@@ -9,11 +9,12 @@
 """
 from __future__ import annotations
 
+import datetime as dt
 import ssl
 
 from ..errors import ConfigError
 
-__all__ = ["client_context", "server_context"]
+__all__ = ["certificate_window", "client_context", "server_context"]
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: str, key: str, where: str) -> None:
@@ -29,6 +30,19 @@ def _load_ca(ctx: ssl.SSLContext, ca: str, where: str) -> None:
         ctx.load_verify_locations(cafile=ca)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"{where}: cannot load the CA file {ca}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def certificate_window(cert_file: str) -> tuple[dt.datetime, dt.datetime] | None:
+    """(not valid before, not valid after), UTC, of the first certificate of the PEM chain ``cert_file`` (the
+    process's own), read with ``cryptography``; None when the file cannot be parsed that way (``ssl`` loaded it,
+    so it is still served; only its dates are unknown)."""
+    from cryptography import x509
+    try:
+        with open(cert_file, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
 def server_context(cert_file: str, key_file: str = "", ca_file: str = "") -> ssl.SSLContext:

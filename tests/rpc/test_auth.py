@@ -530,6 +530,51 @@ def pki(tmp_path_factory):
             "stranger": issue(other, d / "other", "stranger")}
 
 
+def test_the_certificate_dates_are_checked_at_start(tmp_path, tiny_bundle, pki, caplog):
+    """The process's own certificate: an error in the log when it has expired or is not valid yet (clients will
+    refuse it), a warning within TLS_CERT_WARN_DAYS of its end, nothing otherwise; a daemon started on an expired
+    one says so in its log and still serves its other listeners."""
+    import datetime as dt
+
+    from edge_runtime.ops.security import check_certificate_dates
+    ca = make_ca(tmp_path / "ca")
+    day = dt.timedelta(days=1)
+    cases = {"expired": (-10 * day, 9 * day, logging.ERROR, "expired on"),
+             "future": (3 * day, 30 * day, logging.ERROR, "not valid before"),
+             "soon": (-day, 4 * day, logging.WARNING, "expires on"),
+             "fine": (-day, 90 * day, None, None)}
+    for name, (start, length, level, words) in cases.items():
+        cert = issue(ca, tmp_path, name, valid_from=start, valid_for=length)[0]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edgerec"):
+            msg = check_certificate_dates(str(cert))
+        if level is None:
+            assert msg is None and not caplog.records, name
+        else:
+            assert words in msg and str(cert) in msg, (name, msg)
+            assert [r.levelno for r in caplog.records] == [level], name
+    assert "in 2 d 23 h" in check_certificate_dates(str(tmp_path / "soon.pem"))   # 3 days left, minus the run
+    assert check_certificate_dates(str(tmp_path / "nonexistent.pem")) is None
+    expired = tmp_path / "expired.pem", tmp_path / "expired.key"
+    port = free_port()
+    node = start_daemon(tiny_bundle, port, ["--no-discovery", "--tls-cert", str(expired[0]), "--tls-key",
+                                            str(expired[1]), "--unix", str(tmp_path / "n.sock")],
+                        ready=("ok",), log_path=tmp_path / "node.log", ssl=_no_verify())
+    try:
+        log = (tmp_path / "node.log").read_text()
+        assert "expired on" in log and "TLS clients will refuse every connection" in log, log[-2000:]
+    finally:
+        stop_daemon(node)
+
+
+def _no_verify():
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 def test_tls_tokens_and_mutual_tls_between_node_and_registry(tmp_path, tiny_bundle, tokens, pki):
     signing.keygen(tmp_path / "trainer")
     publish(tiny_bundle, tmp_path / "reg", tmp_path / "trainer.key", version="v1")

@@ -40,16 +40,17 @@ def make_ca(d: Path, cn: str = "edgerec test CA") -> tuple[Path, Path]:
     return d / f"{cn.replace(' ', '_')}.pem", d / f"{cn.replace(' ', '_')}.key"
 
 
-def issue(ca: tuple[Path, Path], d: Path, cn: str) -> tuple[Path, Path]:
-    """A leaf certificate signed by ``ca`` for 127.0.0.1 and localhost, good for server and client auth:
-    (cn.pem, cn.key)."""
+def issue(ca: tuple[Path, Path], d: Path, cn: str, valid_from: dt.timedelta = dt.timedelta(minutes=-5),
+          valid_for: dt.timedelta = dt.timedelta(days=2, minutes=5)) -> tuple[Path, Path]:
+    """A leaf certificate signed by ``ca`` for 127.0.0.1 and localhost, good for server and client auth, valid
+    from now + ``valid_from`` for ``valid_for``: (cn.pem, cn.key)."""
     ca_cert = x509.load_pem_x509_certificate(ca[0].read_bytes())
     ca_key = serialization.load_pem_private_key(ca[1].read_bytes(), None)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+            .not_valid_before(now + valid_from).not_valid_after(now + valid_from + valid_for)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
