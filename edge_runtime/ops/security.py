@@ -97,7 +97,7 @@ def server_tls(cfg: dict) -> ssl.SSLContext | None:
     return ctx
 
 
-def check_certificate_dates(cert_file: str, now: dt.datetime | None = None) -> str | None:
+def check_certificate_dates(cert_file: str) -> str | None:
     """Log the process's certificate when clients will refuse it or soon will: an error when it has expired or is
     not valid yet, a warning within ``const.TLS_CERT_WARN_DAYS`` of its end. Serving goes on either way (the
     plain Unix socket still works; a renewed file is read at the next restart). Returns the message, or None."""
@@ -105,7 +105,7 @@ def check_certificate_dates(cert_file: str, now: dt.datetime | None = None) -> s
     if window is None:
         return None
     start, end = window
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.timezone.utc)
     if now >= end:
         msg = (f"tls.cert_file {cert_file} expired on {end:%Y-%m-%d %H:%M} UTC: TLS clients will refuse every "
                f"connection; renew it and restart")
