@@ -84,19 +84,16 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     if not writer.can_write_eof():
         return
     writer.write_eof()
-    left = const.HTTP_LINGER_BYTES
-    deadline = asyncio.get_running_loop().time() + const.LINGER_SECONDS
-    try:
-        while left > 0:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return
-            chunk = await asyncio.wait_for(reader.read(min(left, 65536)), remaining)
-            if not chunk:
-                return
+
+    async def discard() -> None:
+        left = const.HTTP_LINGER_BYTES
+        while left > 0 and (chunk := await reader.read(min(left, 65536))):
             left -= len(chunk)
+
+    try:
+        await asyncio.wait_for(discard(), const.LINGER_SECONDS)
     except (asyncio.TimeoutError, ConnectionError):
-        return
+        pass
 
 
 class _ServiceCollector:
