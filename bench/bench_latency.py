@@ -6,7 +6,9 @@ MessagePack-RPC clients (asyncio, one connection each, one request in flight per
 carry real Beauty shoppers' histories (the leave-one-out test contexts of the embedded data), so the encoder sees
 real session lengths. In the same run:
 
-* in this process, the ONNX encoder call alone and the exact top-k scan alone (int8 and fp32), same contexts,
+* in this process, the encoder call alone (the one the daemon serves: the native encoder for an int8 bundle that has
+  its weights; ``encoder_int8_onnx``: ONNX Runtime's call of the same int8 encoder beside it, the baseline it
+  replaces) and the exact top-k scan alone (int8 and fp32), same contexts,
   back to back, and (int8) after 50 µs asleep before each call: what a lone request meets, as the daemon blocks on
   its sockets between requests (on a VM whose idle vCPUs halt, the encoder call measured 46 -> 90 µs that way);
   and the int8 encoder after an 8 MB read before each call (cold caches);
@@ -40,6 +42,8 @@ import msgpack
 import numpy as np
 
 from edge_runtime import scoring
+from edge_runtime.bundle import format as fmt
+from edge_runtime.serving.encoder import Encoder
 from edge_runtime.serving.memory import limit_blas_threads
 from edge_runtime.serving.model import Model
 from edgerec.process import PACKAGE_ROOT, free_port, start_daemon, stop_daemon
@@ -209,6 +213,12 @@ def main(argv=None) -> int:
         results[f"scan_{name}"] = time_calls(
             lambda u, r, m=m: scoring.topk(u, m.items, 10, item_scales=m.scales, exclude=np.asarray(r)),
             list(zip(users, rows)))
+    results["encoder"] = model.provider
+    if not isinstance(model.encoder, Encoder):   # the native encoder: ONNX Runtime's call of the same file beside it
+        onnx_encoder = Encoder(Path(args.bundle) / fmt.ENCODER_INT8)
+        results["encoder_int8_onnx"] = time_calls(
+            lambda r: onnx_encoder(np.array([[x + 1 for x in r[-model.max_len:]]], dtype=np.int64)),
+            [(r,) for r in rows])
     # Batched encoder calls (Model.encode_many: padded groups of similar lengths; a batch-exact encoder only),
     # per session: what a batch of concurrent requests costs the encoder.
     if model.batch_exact:
@@ -274,7 +284,12 @@ def main(argv=None) -> int:
 
     print(f"bundle {model.version}: {model.num_items} items, d={model.dim}, scoring={scoring.IMPLEMENTATION}, "
           f"{os.cpu_count()} CPUs, avg context {results['avg_context_len']:.1f} items")
-    print(f"CPU {results['cpu']}, SIMD level {results['simd_level']}; reply {results['reply_bytes']} bytes")
+    print(f"CPU {results['cpu']}, SIMD level {results['simd_level']}; reply {results['reply_bytes']} bytes; "
+          f"encoder {results['encoder']}")
+    if "encoder_int8_onnx" in results:
+        nat, ort_us = results["encoder_int8"]["p50_us"], results["encoder_int8_onnx"]["p50_us"]
+        print(f"encoder alone, p50: {results['encoder']} {nat:.1f} µs, ONNX Runtime {ort_us:.1f} µs "
+              f"({ort_us / nat:.1f}x)")
     print(f"{'case':<28}{'p50 µs':>10}{'p99 µs':>10}{'req/s':>10}{'CPU µs/req':>12}")
     for key, r in results.items():
         if isinstance(r, dict) and "p50_us" in r:

@@ -102,6 +102,9 @@ BATCH_MAX_FETCH = 256
 # Rounds of the load-time check that padded encoder calls are bit-identical to lone calls (Model.batch_exact,
 # serving/model.py probe_batch_exact): 24 sessions each, ~1.5 ms per round on the Beauty bundle.
 BATCH_PROBE_ROUNDS = 4
+# The native encoder serves only when it gives ONNX Runtime's vectors up to this relative difference on probe
+# sessions (serving/encoder.py native_agreement; float rounding measured 1e-7 to 1e-6 on Beauty bundles).
+NATIVE_ENCODER_TOLERANCE = 1e-4
 # The warm-up's batched encoder shapes (a batch-exact encoder, Service.warm_up): 2 .. this many sessions, windows of
 # 1 .. WARM_BATCH_WINDOW items (112 calls, ~12 ms on the Beauty bundle; 9 of 10 Beauty contexts are that short).
 WARM_BATCH_SESSIONS = 8

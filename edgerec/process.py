@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 
+from edge_runtime.errors import RpcError
 from edge_runtime.rpc.client import Client
 
 # `python -m edgerec` puts the working directory first on sys.path; starting the child in the directory that holds
@@ -39,7 +40,8 @@ def start_daemon(bundle: str | os.PathLike | None, port: int, extra: list[str] |
     ``ssl``: a client ``ssl.SSLContext`` for a daemon that serves TLS (``health`` is asked over it).
 
     Raises:
-        RuntimeError: the daemon exited or did not answer within ``timeout`` s (its stderr is in the message).
+        RuntimeError: the daemon exited, answered ``health`` with an error (it is killed), or did not answer within
+            ``timeout`` s (its stderr is in the message).
     """
     cmd = [sys.executable, "-m", "edgerec", command, "--host", "127.0.0.1", "--port", str(port)]
     if bundle is not None:
@@ -69,6 +71,10 @@ def start_daemon(bundle: str | os.PathLike | None, port: int, extra: list[str] |
                     return proc
         except OSError:
             time.sleep(0.1)
+        except RpcError as exc:   # it answers, but its health fails: a broken daemon, not a slow one
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"daemon answered health with an error ({exc}): {stderr()}") from None
     proc.kill()
     proc.wait()
     raise RuntimeError(f"daemon did not answer within {timeout} s: {stderr()}")

@@ -50,7 +50,7 @@ from . import checkpoint as checkpoint_mod
 from .config import TrainConfig
 from .data import EVENT_CODES
 from .evaluate import pad_left
-from .export import export_onnx, quantize_int8
+from .export import export_native, export_onnx, quantize_int8
 from .gate import ServedPath, gate_decision, rank_cases, summarize
 from .losses import sequence_loss
 from .model import BERT4Rec, SASRec, build_model
@@ -670,8 +670,11 @@ def finetune(checkpoint: str | os.PathLike, events: "EventSource | str | os.Path
     serving_tmp = Path(tempfile.mkdtemp(prefix=".serving-", dir=out_dir.parent))
     try:
         t1 = time.perf_counter()
-        export_onnx(model.folded(), staged / fmt.ENCODER_FP32, tcfg.max_len)
+        folded = model.folded()
+        export_onnx(folded, staged / fmt.ENCODER_FP32, tcfg.max_len)
         quantize_int8(staged / fmt.ENCODER_FP32, staged / fmt.ENCODER_INT8, tcfg.int8_matmuls)
+        if tcfg.int8_matmuls == "float":   # the same encoder for the node's native encoder
+            export_native(folded, staged / fmt.ENCODER_INT8, staged / fmt.ENCODER_NATIVE)
         items = model.item_embeddings().detach().cpu().numpy().astype(np.float32)
         q, scales = stage_arrays(staged, items, item_ids, popularity, grown_attrs, compose_arrays(model))
         detail["export_seconds"] = round(time.perf_counter() - t1, 3)

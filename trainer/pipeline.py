@@ -29,7 +29,7 @@ from . import data as data_mod
 from . import distributed as distributed_mod
 from .config import TrainConfig
 from .evaluate import evaluate, topk_lists, topk_overlap
-from .export import export_onnx, quantize_int8
+from .export import export_native, export_onnx, quantize_int8
 from .scorers import onnx_score_fn, torch_score_fn
 from .train import TrainResult, train
 
@@ -108,8 +108,11 @@ def build_bundle(cfg: TrainConfig, data: data_mod.Interactions, result: TrainRes
     staged = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir.parent))
     try:
         t0 = time.perf_counter()
-        export_onnx(model.folded(), staged / fmt.ENCODER_FP32, cfg.max_len)
+        folded = model.folded()
+        export_onnx(folded, staged / fmt.ENCODER_FP32, cfg.max_len)
         quantize_int8(staged / fmt.ENCODER_FP32, staged / fmt.ENCODER_INT8, cfg.int8_matmuls)
+        if cfg.int8_matmuls == "float":   # the same encoder for the node's native encoder
+            export_native(folded, staged / fmt.ENCODER_INT8, staged / fmt.ENCODER_NATIVE)
         export_s = time.perf_counter() - t0
         items = model.item_embeddings().detach().cpu().numpy().astype(np.float32)
         q, scales = stage_arrays(staged, items, data.item_ids, data.popularity(), data.item_attributes,

@@ -46,6 +46,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"             # written by signing.py, beside the manifest (not listed in it)
 ENCODER_FP32 = "encoder.onnx"
 ENCODER_INT8 = "encoder.int8.onnx"
+ENCODER_NATIVE = "encoder.int8.native.npz"   # optional: the int8 encoder's weights for the native encoder
 ITEMS_F32 = "items.f32.npy"
 ITEMS_I8 = "items.i8.npy"
 ITEMS_SCALE = "items.scale.npy"
@@ -162,6 +163,8 @@ class BundleArrays:
     Attributes:
         manifest: the parsed manifest.
         encoder_path: the ONNX encoder to load for this precision.
+        native_encoder_path: the same encoder's weights for the native encoder (``ENCODER_NATIVE``, int8 only),
+            or None when the bundle has none (older bundles, other models).
         items: int8 [N, d] (with ``scales`` float32 [N]) or float32 [N, d] (``scales`` None), C-contiguous.
         item_ids: external id by row (str, N). popularity: float32 [N].
         attr_indptr / attr_codes / attr_names: the item-attribute CSR (int64 [N + 1], int64 [nnz] codes into
@@ -181,6 +184,7 @@ class BundleArrays:
     attr_names: list[str]
     attr_emb: np.ndarray | None = None
     id_mean: np.ndarray | None = None
+    native_encoder_path: Path | None = None
 
 
 def read_arrays(bundle_dir: str | os.PathLike, precision: str = "int8", verify: bool = True) -> BundleArrays:
@@ -241,5 +245,7 @@ def read_arrays(bundle_dir: str | os.PathLike, precision: str = "int8", verify: 
         if attr_emb.shape != (len(attr_names), d) or id_mean.shape != (d,):
             raise BundleError(f"{root}: {ATTR_EMB} is {attr_emb.shape} and {ID_MEAN} {id_mean.shape}; expected "
                               f"({len(attr_names)}, {d}) and ({d},)")
+    # listed in the manifest (so verified with the rest), int8 only: the file is the int8 encoder's weights
+    native = root / ENCODER_NATIVE if precision == "int8" and ENCODER_NATIVE in manifest.get("files", {}) else None
     return BundleArrays(manifest, encoder, np.ascontiguousarray(items), scales, item_ids, popularity, attr_indptr,
-                        attr_codes, attr_names, attr_emb, id_mean)
+                        attr_codes, attr_names, attr_emb, id_mean, native)

@@ -31,7 +31,7 @@ from .arrays import check_items, dense_scores, fix_hint, pack_mask, unpack_mask
 from .quantize import quantize_queries, quantize_rows
 
 __all__ = ["BACKEND", "FALLBACK_NOTE", "IMPLEMENTATION", "PackedInt8", "available_backends", "dense_scores", "pack_int8",
-           "pack_mask", "quantize_queries", "quantize_rows", "simd_level", "topk", "topk_served", "unpack_mask"]
+           "native_kernel", "pack_mask", "quantize_queries", "quantize_rows", "simd_level", "topk", "topk_served", "unpack_mask"]
 
 _FORCED = (env_value("SCORING") or "").strip().lower()
 _NO_NATIVE = env_flag("NO_NATIVE")
@@ -94,6 +94,13 @@ def available_backends() -> list[str]:
     """Backends usable in this process (for ``topk(..., backend=...)``): a subset of native, numba, numpy."""
     return [b for b, ok in (("native", _native is not None), ("numba", _load_numba() is not None),
                             ("numpy", True)) if ok]
+
+
+def native_kernel():
+    """The native extension module when scoring runs on it (``BACKEND == "native"``), else None: what the native
+    session encoder (``serving.encoder.NativeEncoder``) is built on, so ``EDGEREC_NO_NATIVE=1`` or
+    ``EDGEREC_SCORING=numba`` turn both off."""
+    return _native if BACKEND == "native" else None
 
 
 def simd_level() -> str:

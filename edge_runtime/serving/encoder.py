@@ -1,5 +1,7 @@
 """The session encoder: an ONNX Runtime session over a bundle's ``encoder.onnx`` / ``encoder.int8.onnx``, on the
-first execution provider of the configured preference list (``[model] providers``) that this onnxruntime build has.
+first execution provider of the configured preference list (``[model] providers``) that this onnxruntime build has;
+or, for an int8 bundle that carries ``encoder.int8.native.npz``, the native encoder (``NativeEncoder``: the same
+SASRec / BERT4Rec computed by the node's C++ kernel, checked against ONNX Runtime at load; ``load_encoder`` picks).
 
 The list is the process's (``configure_providers``, set once at start-up by ``ops/node.py``): every encoder the
 process loads (boot, sync, SIGHUP, rollback) resolves it the same way. When none of the listed providers is in the
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from .. import const
+from .. import const, scoring
+from ..config import env_value
 from ..errors import BundleError
 
 ort.disable_telemetry_events()   # and ORT_DISABLE_TELEMETRY=1 before the import (edge_runtime/__init__.py)
@@ -121,3 +125,127 @@ class Encoder:
 
     def __call__(self, item_seq: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: item_seq})[0]
+
+
+NATIVE_FORM = 1          # the weights file layout this node reads (trainer.export.NATIVE_FORM)
+ENCODER_CHOICES = ("auto", "native", "onnx")
+
+
+class NativeEncoder:
+    """The native session encoder: ``item_seq`` int64 [B, W] -> ``user_vec`` float32 [B, d], the function of the
+    bundle's int8 ONNX encoder (SASRec / BERT4Rec serving form, ``trainer.model.ServingEncoder``) computed by the
+    native kernel (native/src/encoder-inl.h, the scan's SIMD level) instead of an ONNX Runtime call: no per-node
+    dispatch, each session alone (batch-exact by construction), the GIL released. Values equal ONNX Runtime's up to
+    float rounding (``load_encoder`` checks that at load).
+
+    Args:
+        path: the bundle's ``encoder.int8.native.npz`` (``trainer.export.export_native``).
+        level: a SIMD level of this build to run (tests); None: the scan's.
+    Attributes:
+        provider: ``"native-<level>"`` (where ``Encoder.provider`` names an ONNX Runtime provider).
+        providers_requested: the execution-provider list it was chosen over (``load_encoder``; () otherwise).
+        level, dim, max_len, rows (token table rows: tokens are 0 .. rows - 1).
+    Raises:
+        BundleError: no native kernel in this process, or a file that is not a valid weights file (named).
+    """
+
+    def __init__(self, path: str | os.PathLike, level: str | None = None):
+        native = scoring.native_kernel()
+        if native is None:
+            raise BundleError(f"{path}: the native encoder needs the native kernel (scoring runs on "
+                              f"{scoring.BACKEND})")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: np.ascontiguousarray(z[k]) for k in z.files}
+            cfg = arrays.pop("config")
+            eps = float(arrays.pop("eps")[0])
+            if cfg.dtype != np.int64 or cfg.shape != (8,) or int(cfg[0]) != NATIVE_FORM:
+                raise ValueError(f"config must be int64 [8] of form {NATIVE_FORM}")
+            _, d, heads, max_len, blocks, causal, sasrec, mask = (int(x) for x in cfg)
+            self._enc = native.SessionEncoder(arrays, d, heads, max_len, blocks, bool(causal), bool(sasrec), mask,
+                                              eps, level or "")
+        except (OSError, KeyError, IndexError, ValueError, zipfile.BadZipFile) as exc:
+            raise BundleError(f"{path}: not a native encoder weights file: {exc}") from None
+        self.level, self.dim, self.max_len, self.rows = self._enc.level, d, max_len, self._enc.rows
+        self.provider = f"native-{self.level}"
+        self.providers_requested: tuple[str, ...] = ()
+
+    def __call__(self, item_seq: np.ndarray) -> np.ndarray:
+        """``item_seq`` int64 [B, W] (1 <= W <= max_len, left-padded with 0) -> float32 [B, d].
+
+        Raises:
+            ValueError: wrong dtype / shape, or a token outside 0 .. rows - 1.
+        """
+        return self._enc.encode_padded(item_seq)
+
+    def encode_sessions(self, tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Sessions without padding: session b is ``tokens[offsets[b]:offsets[b + 1]]`` (int64, oldest first; the
+        last ``max_len`` are read) -> float32 [B, d], each row its lone call's bits.
+
+        Raises:
+            ValueError: wrong dtypes, offsets not 0 .. len(tokens) non-decreasing, or a token out of range.
+        """
+        return self._enc.encode(tokens, offsets)
+
+
+def native_agreement(native: NativeEncoder, reference: "Encoder", sessions: int = 24, seed: int = 0) -> float:
+    """The largest difference between ``native`` and the ONNX ``reference`` on ``sessions`` pseudo-random
+    sessions of lengths spread over 1 .. max_len (each call alone, and the same sessions as one padded batch),
+    relative to the largest value: float rounding gives about 1e-6."""
+    rng = np.random.default_rng(seed)
+    lengths = np.linspace(1, native.max_len, sessions).round().astype(int)
+    worst, scale = 0.0, 1.0
+    for length in lengths:
+        seq = rng.integers(1, native.rows, (1, int(length)), dtype=np.int64)
+        want = reference(seq)
+        worst = max(worst, float(np.max(np.abs(native(seq) - want))))
+        scale = max(scale, float(np.max(np.abs(want))))
+    batch = np.zeros((sessions, native.max_len), dtype=np.int64)
+    for b, length in enumerate(lengths):
+        batch[b, native.max_len - int(length):] = rng.integers(1, native.rows, int(length))
+    worst = max(worst, float(np.max(np.abs(native(batch) - reference(batch)))))
+    return worst / scale
+
+
+def load_encoder(path: str | os.PathLike, native_path: str | os.PathLike | None = None, threads: int = 1,
+                 providers: Sequence[str] | None = None, mode: str | None = None) -> "Encoder | NativeEncoder":
+    """The encoder a node serves: the native encoder when the bundle has its weights (``native_path``), the native
+    kernel is in use, ONNX Runtime runs on the CPU, and the two agree on probe sessions (``native_agreement`` at
+    most ``const.NATIVE_ENCODER_TOLERANCE``); else the ONNX Runtime ``Encoder`` of ``path`` (a warning says why,
+    unless the bundle simply has no native weights).
+
+    Args:
+        mode: ``auto`` (the above), ``onnx`` (always ONNX Runtime) or ``native`` (the native encoder or an error);
+            None: ``EDGEREC_ENCODER``, default ``auto``.
+    Raises:
+        ValueError: an unknown ``mode``.
+        BundleError: as ``Encoder``; with ``mode="native"``, no usable native encoder.
+    """
+    mode = (mode or env_value("ENCODER") or "auto").strip().lower()
+    if mode not in ENCODER_CHOICES:
+        raise ValueError(f"EDGEREC_ENCODER={mode!r}: use one of {list(ENCODER_CHOICES)}")
+    onnx_encoder = Encoder(path, threads, providers)
+    if mode == "onnx" or (native_path is None and mode == "auto"):
+        return onnx_encoder
+    if native_path is None:
+        raise BundleError(f"{path}: EDGEREC_ENCODER=native but the bundle has no native encoder weights "
+                          f"(bundles from this version's trainer, int8 with float MatMuls, have them)")
+    if mode == "auto" and onnx_encoder.provider != CPU:
+        return onnx_encoder   # an accelerator the operator asked for runs the ONNX encoder
+    try:
+        native = NativeEncoder(native_path)
+        diff = native_agreement(native, onnx_encoder)
+    except (BundleError, ValueError) as exc:
+        if mode == "native":
+            raise BundleError(f"{native_path}: the native encoder cannot serve this bundle: {exc}") from None
+        log.warning("the native encoder cannot serve %s (%s); the encoder runs on ONNX Runtime", native_path, exc)
+        return onnx_encoder
+    if not diff <= const.NATIVE_ENCODER_TOLERANCE:
+        msg = (f"the native encoder differs from ONNX Runtime by {diff:.2g} (relative) on probe sessions, more "
+               f"than {const.NATIVE_ENCODER_TOLERANCE:g}")
+        if mode == "native":
+            raise BundleError(f"{native_path}: {msg}")
+        log.warning("%s: %s; the encoder runs on ONNX Runtime", native_path, msg)
+        return onnx_encoder
+    native.providers_requested = onnx_encoder.providers_requested
+    return native

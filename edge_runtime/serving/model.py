@@ -24,7 +24,7 @@ from ..bundle.format import read_arrays
 from ..errors import BundleError
 from ..scoring.quantize import quantize_rows
 from .compose import compose_items
-from .encoder import Encoder
+from .encoder import Encoder, NativeEncoder, load_encoder
 
 __all__ = ["Encoder", "Model", "check_model"]
 
@@ -125,7 +125,8 @@ class Model:
         bundle_items: rows from the bundle (the encoder knows them); rows from there on are items added at the
             node (``with_items``), ``num_added`` of them, whose ids and attributes ``added`` holds.
         attr_emb / id_mean: the bundle's compose arrays (float32 [V, d] / [d]), or None.
-        provider: the ONNX Runtime execution provider the encoder runs on (``Encoder.provider``).
+        provider: the ONNX Runtime execution provider the encoder runs on (``Encoder.provider``), or
+            ``native-<level>`` for the native encoder (``encoder.load_encoder``).
         batch_exact: one encoder call for several sessions gives each its lone call's vector bit for bit
             (``probe_batch_exact``, at load): ``encode_many`` then batches.
         call_tokens: the fixed cost of an encoder call, in tokens of window (``probe_batch_exact``).
@@ -159,7 +160,7 @@ class Model:
         self.added: dict[str, tuple[str, ...]] = {}
         self._item_mean: np.ndarray | None = None
         self._attr_index: dict[str, int] | None = None
-        self.encoder = Encoder(arrays.encoder_path, threads, providers)
+        self.encoder = load_encoder(arrays.encoder_path, arrays.native_encoder_path, threads, providers)
         self.index = {item: row for row, item in enumerate(self.item_ids)}
         # [N, 1] float32 so the popularity list runs through the same top-k scan (and filters) as model scores.
         self.popularity_column = np.ascontiguousarray(self.popularity.reshape(-1, 1))
@@ -317,15 +318,22 @@ class Model:
         """Several sessions (item rows, oldest first, at least one each) -> (user vectors float32 [B, d], row b bit
         for bit ``encode(sessions[b])``; the number of encoder calls made).
 
-        With a batch-exact encoder (``batch_exact``), sessions are grouped by window length, longest first, a
-        session joining the current group while its padding costs fewer tokens than a call of its own
-        (``call_tokens``); each group is one left-padded encoder call. Otherwise one call per session.
+        The native encoder (``NativeEncoder``) takes them all in one call, unpadded. With another batch-exact
+        encoder (``batch_exact``), sessions are grouped by window length, longest first, a session joining the
+        current group while its padding costs fewer tokens than a call of its own (``call_tokens``); each group is
+        one left-padded encoder call. Otherwise one call per session.
 
         Raises:
             whatever the encoder raises (ONNX Runtime's own error types).
         """
         if not self.batch_exact or len(sessions) < 2:
             return np.stack([self.encode(s) for s in sessions]), len(sessions)
+        if isinstance(self.encoder, NativeEncoder):   # one call, no padding: each session computed alone
+            windows = [s[-self.max_len:] for s in sessions]
+            offsets = np.zeros(len(windows) + 1, dtype=np.int64)
+            np.cumsum([len(w) for w in windows], out=offsets[1:])
+            tokens = np.fromiter((r + 1 for w in windows for r in w), dtype=np.int64, count=int(offsets[-1]))
+            return self.encoder.encode_sessions(tokens, offsets), 1
         widths = [min(len(s), self.max_len) for s in sessions]
         order = sorted(range(len(sessions)), key=lambda b: -widths[b])
         out = np.empty((len(sessions), self.dim), dtype=np.float32)

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -239,6 +240,134 @@ double stream_sum(py::array_t<float, py::array::c_style> a) {
     return edgerec::active().stream_sum(p, n);
 }
 
+// The session encoder (encoder-inl.h) over weights given once as NumPy arrays (checked here, kept alive by the
+// object); encode calls release the GIL.
+class SessionEncoder {
+   public:
+    SessionEncoder(py::dict arrays, int d, int heads, int max_len, int blocks, bool causal, bool sasrec_style,
+                   std::int64_t mask_token, double eps, const std::string& level) {
+        require(d >= 1 && heads >= 1 && d % heads == 0, "d must be a positive multiple of heads");
+        require(max_len >= 1 && max_len <= 4096, "max_len must be 1 to 4096");
+        require(blocks >= 1 && blocks <= 64, "blocks must be 1 to 64");
+        require(eps > 0 && std::isfinite(eps), "eps must be a positive finite number");
+        impl_ = level.empty() ? &edgerec::active() : edgerec::find_impl(level);
+        require(impl_ != nullptr, "level " + level + " is not compiled into this build");
+        if (!level.empty()) {
+            const auto ok = edgerec::available_levels();
+            require(std::find(ok.begin(), ok.end(), level) != ok.end(), "level " + level + " is not supported here");
+        }
+        w_.d = d; w_.heads = heads; w_.max_len = max_len; w_.causal = causal; w_.sasrec_style = sasrec_style;
+        w_.eps = static_cast<float>(eps);
+        py::array table = take(arrays, "table");
+        check_array<std::int8_t>(table, "table", 2);
+        require(table.shape(1) == d && table.shape(0) >= 1, "table must be int8 [rows, d]");
+        w_.rows = table.shape(0);
+        w_.table = static_cast<const std::int8_t*>(table.data());
+        require(mask_token < w_.rows && mask_token >= -1, "mask_token must be -1 or a row of the table");
+        w_.mask_token = mask_token;
+        w_.table_scale = vec(arrays, "table_scale", w_.rows);
+        w_.pos = mat(arrays, "pos", max_len, d);
+        w_.lno_w = vec(arrays, "ln_out_w", d);
+        w_.lno_b = vec(arrays, "ln_out_b", d);
+        for (int b = 0; b < blocks; ++b) {
+            const std::string p = "b" + std::to_string(b) + "_";
+            edgerec::EncoderBlock blk{};
+            blk.ln1_w = vec(arrays, p + "ln1_w", d); blk.ln1_b = vec(arrays, p + "ln1_b", d);
+            blk.wq = mat(arrays, p + "wq", d, d); blk.bq = vec(arrays, p + "bq", d);
+            blk.wk = mat(arrays, p + "wk", d, d); blk.bk = vec(arrays, p + "bk", d);
+            blk.wv = mat(arrays, p + "wv", d, d); blk.bv = vec(arrays, p + "bv", d);
+            blk.wo = mat(arrays, p + "wo", d, d); blk.bo = vec(arrays, p + "bo", d);
+            blk.ln2_w = vec(arrays, p + "ln2_w", d); blk.ln2_b = vec(arrays, p + "ln2_b", d);
+            blk.f1 = mat(arrays, p + "f1", d, d); blk.f1b = vec(arrays, p + "f1b", d);
+            blk.f2 = mat(arrays, p + "f2", d, d); blk.f2b = vec(arrays, p + "f2b", d);
+            w_.blocks.push_back(blk);
+        }
+    }
+
+    // tokens int64 [T], offsets int64 [B + 1] (offsets[0] = 0, non-decreasing, offsets[B] = T) -> float32 [B, d]
+    py::array_t<float> encode(py::array tokens, py::array offsets) const {
+        check_array<std::int64_t>(tokens, "tokens", 1);
+        check_array<std::int64_t>(offsets, "offsets", 1);
+        require(offsets.shape(0) >= 1, "offsets must hold B + 1 values");
+        const auto* t = static_cast<const std::int64_t*>(tokens.data());
+        const auto* o = static_cast<const std::int64_t*>(offsets.data());
+        const std::int64_t B = offsets.shape(0) - 1, T = tokens.shape(0);
+        require(o[0] == 0 && o[B] == T, "offsets must start at 0 and end at len(tokens)");
+        for (std::int64_t b = 0; b < B; ++b) require(o[b] <= o[b + 1], "offsets must be non-decreasing");
+        check_tokens(t, T);
+        py::array_t<float> out({B, static_cast<std::int64_t>(w_.d)});
+        float* dst = out.mutable_data();
+        {
+            py::gil_scoped_release release;
+            impl_->encode(w_, t, o, B, dst);
+        }
+        return out;
+    }
+
+    // tokens int64 [B, W], 1 <= W <= max_len, left-padded with 0 (the ONNX encoder's input) -> float32 [B, d]
+    py::array_t<float> encode_padded(py::array tokens) const {
+        check_array<std::int64_t>(tokens, "item_seq", 2);
+        const std::int64_t B = tokens.shape(0), W = tokens.shape(1);
+        require(W >= 1 && W <= w_.max_len, "item_seq must have 1 to max_len = " + std::to_string(w_.max_len) +
+                                               " columns, got " + std::to_string(W));
+        const auto* t = static_cast<const std::int64_t*>(tokens.data());
+        check_tokens(t, B * W);
+        // each row without its leading padding (positions count from the right: the same vector)
+        std::vector<std::int64_t> flat;
+        flat.reserve(static_cast<std::size_t>(B * W));
+        std::vector<std::int64_t> off(static_cast<std::size_t>(B + 1), 0);
+        for (std::int64_t b = 0; b < B; ++b) {
+            std::int64_t j = 0;
+            while (j < W && t[b * W + j] == 0) ++j;
+            flat.insert(flat.end(), t + b * W + j, t + (b + 1) * W);
+            off[static_cast<std::size_t>(b + 1)] = static_cast<std::int64_t>(flat.size());
+        }
+        py::array_t<float> out({B, static_cast<std::int64_t>(w_.d)});
+        float* dst = out.mutable_data();
+        {
+            py::gil_scoped_release release;
+            impl_->encode(w_, flat.data(), off.data(), B, dst);
+        }
+        return out;
+    }
+
+    std::string level() const { return impl_->name; }
+    int dim() const { return w_.d; }
+    std::int64_t rows() const { return w_.rows; }
+    int max_len() const { return w_.max_len; }
+
+   private:
+    py::array take(py::dict& arrays, const std::string& name) {
+        require(arrays.contains(name.c_str()), "encoder weights: no array " + name);
+        py::array a = py::reinterpret_borrow<py::object>(arrays[name.c_str()]);
+        keep_.push_back(a);
+        return a;
+    }
+    const float* vec(py::dict& arrays, const std::string& name, std::int64_t n) {
+        py::array a = take(arrays, name);
+        check_array<float>(a, name.c_str(), 1);
+        require(a.shape(0) == n, name + " must be float32 [" + std::to_string(n) + "]");
+        return static_cast<const float*>(a.data());
+    }
+    const float* mat(py::dict& arrays, const std::string& name, std::int64_t r, std::int64_t c) {
+        py::array a = take(arrays, name);
+        check_array<float>(a, name.c_str(), 2);
+        require(a.shape(0) == r && a.shape(1) == c,
+                name + " must be float32 [" + std::to_string(r) + ", " + std::to_string(c) + "]");
+        return static_cast<const float*>(a.data());
+    }
+    void check_tokens(const std::int64_t* t, std::int64_t n) const {
+        for (std::int64_t i = 0; i < n; ++i)
+            if (t[i] < 0 || t[i] >= w_.rows)
+                throw std::invalid_argument("token " + std::to_string(t[i]) + " is outside the table (0 to " +
+                                            std::to_string(w_.rows - 1) + ")");
+    }
+
+    edgerec::EncoderWeights w_;
+    const edgerec::Impl* impl_ = nullptr;
+    std::vector<py::array> keep_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -262,4 +391,19 @@ PYBIND11_MODULE(_native, m) {
           py::arg("exclude") = py::none(), py::arg("num_threads") = 1,
           "Exact top-k of int8 queries against packed int8 items (see pack_i8).");
     m.def("stream_sum", &stream_sum, "Sum of a float32 array with the active SIMD level (bandwidth probe).");
+    py::class_<SessionEncoder>(m, "SessionEncoder",
+                               "The native session encoder (SASRec / BERT4Rec serving form, native/src/encoder-inl.h) "
+                               "over weights given once; see edge_runtime.serving.encoder.NativeEncoder.")
+        .def(py::init<py::dict, int, int, int, int, bool, bool, std::int64_t, double, const std::string&>(),
+             py::arg("arrays"), py::arg("d"), py::arg("heads"), py::arg("max_len"), py::arg("blocks"),
+             py::arg("causal"), py::arg("sasrec_style"), py::arg("mask_token"), py::arg("eps"),
+             py::arg("level") = std::string())
+        .def("encode", &SessionEncoder::encode, py::arg("tokens"), py::arg("offsets"),
+             "Sessions tokens[offsets[b]:offsets[b + 1]] (int64, 0 pads) -> user vectors float32 [B, d].")
+        .def("encode_padded", &SessionEncoder::encode_padded, py::arg("item_seq"),
+             "item_seq int64 [B, W] (left-padded, 1 <= W <= max_len) -> user vectors float32 [B, d].")
+        .def_property_readonly("level", &SessionEncoder::level)
+        .def_property_readonly("dim", &SessionEncoder::dim)
+        .def_property_readonly("rows", &SessionEncoder::rows)
+        .def_property_readonly("max_len", &SessionEncoder::max_len);
 }

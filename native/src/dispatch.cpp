@@ -20,6 +20,7 @@ namespace edgerec {
     namespace ns {                                                                            \
     void scan(const ScanArgs&, std::int64_t, std::int64_t, Heap*);                            \
     double stream_sum(const float*, std::int64_t);                                            \
+    void encode(const EncoderWeights&, const std::int64_t*, const std::int64_t*, std::int64_t, float*); \
     }
 EDGEREC_DECLARE(scalar)
 #if defined(__x86_64__) || defined(_M_X64)
@@ -82,18 +83,18 @@ bool always() { return true; }
 const Impl kImpls[] = {
 #if defined(__x86_64__) || defined(_M_X64)
 #ifdef EDGEREC_HAVE_VNNI
-    {"avx512_vnni", avx512_vnni::scan, avx512_vnni::stream_sum, has_avx512_vnni},
+    {"avx512_vnni", avx512_vnni::scan, avx512_vnni::stream_sum, has_avx512_vnni, avx512_vnni::encode},
 #endif
-    {"avx512", avx512::scan, avx512::stream_sum, has_avx512},
-    {"avx2", avx2::scan, avx2::stream_sum, has_avx2},
+    {"avx512", avx512::scan, avx512::stream_sum, has_avx512, avx512::encode},
+    {"avx2", avx2::scan, avx2::stream_sum, has_avx2, avx2::encode},
 #endif
 #if defined(__aarch64__)
 #ifdef EDGEREC_HAVE_DOTPROD
-    {"neon_dotprod", neon_dotprod::scan, neon_dotprod::stream_sum, has_dotprod},
+    {"neon_dotprod", neon_dotprod::scan, neon_dotprod::stream_sum, has_dotprod, neon_dotprod::encode},
 #endif
-    {"neon", neon::scan, neon::stream_sum, always},  // NEON is mandatory on AArch64
+    {"neon", neon::scan, neon::stream_sum, always, neon::encode},  // NEON is mandatory on AArch64
 #endif
-    {"scalar", scalar::scan, scalar::stream_sum, always},
+    {"scalar", scalar::scan, scalar::stream_sum, always, scalar::encode},
 };
 
 const Impl* choose(std::string* note) {

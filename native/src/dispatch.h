@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "encoder.h"
 #include "topk_common.h"
 
 namespace edgerec {
@@ -12,6 +13,8 @@ struct Impl {
     void (*scan)(const ScanArgs&, std::int64_t, std::int64_t, Heap*);
     double (*stream_sum)(const float*, std::int64_t);
     bool (*supported)();
+    // the session encoder (encoder-inl.h): sessions [offsets[b], offsets[b + 1]) of tokens -> out float32 [B, d]
+    void (*encode)(const EncoderWeights&, const std::int64_t*, const std::int64_t*, std::int64_t, float*);
 };
 
 // The level in use (resolved on first call); *note gets why an EDGEREC_SIMD request was not honoured, if so.

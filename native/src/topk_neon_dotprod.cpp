@@ -3,3 +3,4 @@
 #define EDGEREC_NS neon_dotprod
 #define EDGEREC_W 4
 #include "topk_kernel-inl.h"
+#include "encoder-inl.h"

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from edge_runtime import config as config_mod
+from edge_runtime import scoring
 from edge_runtime.client import Client
 from edge_runtime.serving import encoder as encoder_mod
 from edge_runtime.serving.model import Model
@@ -55,7 +56,10 @@ def test_a_provider_that_computes_nothing_here_is_skipped(caplog):
         or ("remote", "AzureExecutionProvider") in encoder_mod._warned   # warned once per process already
 
 
-def test_first_available_provider_wins_and_absent_ones_warn_once(tiny_bundle, caplog):
+def test_first_available_provider_wins_and_absent_ones_warn_once(tiny_bundle, caplog, monkeypatch):
+    """ONNX Runtime's providers (EDGEREC_ENCODER=onnx: the native encoder, the default where the bundle has its
+    weights, would otherwise serve, as the last lines check)."""
+    monkeypatch.setenv("EDGEREC_ENCODER", "onnx")
     available = ort.get_available_providers()
     assert "CPUExecutionProvider" in available
     assert encoder_mod.pick_provider(["NoSuchExecutionProvider", "CPUExecutionProvider"]) == "CPUExecutionProvider"
@@ -67,6 +71,14 @@ def test_first_available_provider_wins_and_absent_ones_warn_once(tiny_bundle, ca
     assert all(m.summary()["provider"] == "CPUExecutionProvider" for m in models)
     lines = [r.getMessage() for r in caplog.records if wanted[1] in r.getMessage()]
     assert len(lines) == 1 and "runs on CPUExecutionProvider" in lines[0], lines
+    # by default: ONNX Runtime fell back to the CPU, so the native encoder serves, and keeps the list asked for
+    monkeypatch.delenv("EDGEREC_ENCODER")
+    native = Model(tiny_bundle, verify=False, providers=wanted)
+    if scoring.native_kernel() is not None:
+        assert native.provider == f"native-{scoring.simd_level()}"
+    else:
+        assert native.provider == "CPUExecutionProvider"
+    assert native.encoder.providers_requested == tuple(wanted)
 
 
 def test_daemon_with_absent_providers_serves_on_cpu_with_one_warning(tmp_path, tiny_bundle):
@@ -75,7 +87,8 @@ def test_daemon_with_absent_providers_serves_on_cpu_with_one_warning(tmp_path, t
     cfg.write_text(f'[model]\nbundle = "{tiny_bundle}"\nproviders = {json.dumps(ABSENT)}\n[server]\nport = {port}\n'
                    f'[sync]\ndiscovery = false\n[metrics]\nport = {mport}\n[log]\nformat = "json"\n')
     log_path = tmp_path / "d.log"
-    proc = start_daemon(None, port, ["--config", str(cfg)], log_path=log_path, env=_env())
+    # ONNX Runtime's providers: the native encoder off (EDGEREC_ENCODER=onnx)
+    proc = start_daemon(None, port, ["--config", str(cfg)], log_path=log_path, env=dict(_env(), EDGEREC_ENCODER="onnx"))
     try:
         for n in (1, 2):   # SIGHUP loads the bundle again (a second and a third encoder), same provider list
             proc.send_signal(signal.SIGHUP)
