@@ -105,6 +105,9 @@ BATCH_PROBE_ROUNDS = 4
 # The native encoder serves only when it gives ONNX Runtime's vectors up to this relative difference on probe
 # sessions (serving/encoder.py native_agreement; float rounding measured 1e-7 to 1e-6 on Beauty bundles).
 NATIVE_ENCODER_TOLERANCE = 1e-4
+# Table rows the load-time check compares one by one (as one-item sessions; larger tables: that many at random).
+# 200k rows: about 0.7 s of a model load on the 2-core Xeon.
+NATIVE_CHECK_ROWS = 200_000
 # The warm-up's batched encoder shapes (a batch-exact encoder, Service.warm_up): 2 .. this many sessions, windows of
 # 1 .. WARM_BATCH_WINDOW items (112 calls, ~12 ms on the Beauty bundle; 9 of 10 Beauty contexts are that short).
 WARM_BATCH_SESSIONS = 8

@@ -22,7 +22,9 @@ import numpy as np
 from edge_runtime.bundle import format as fmt
 from edge_runtime.bundle.writer import (attribute_csr, check_out_dir, new_model_version, stage_arrays,
                                         write_bundle)
-from edge_runtime.serving.encoder import Encoder
+from edge_runtime import scoring
+from edge_runtime.const import NATIVE_ENCODER_TOLERANCE
+from edge_runtime.serving.encoder import Encoder, NativeEncoder, native_agreement
 
 from . import checkpoint as checkpoint_mod
 from . import data as data_mod
@@ -99,6 +101,22 @@ def compose_arrays(model) -> tuple[np.ndarray, np.ndarray] | None:
             w[1:model.num_items + 1].mean(axis=0).astype(np.float32))
 
 
+def _checked_native(staged: Path, onnx_int8: Encoder, printer) -> NativeEncoder | None:
+    """The staged native encoder weights (``export_native``), checked against the int8 ONNX encoder as a node checks
+    them at load (``native_agreement``): the encoder, or None when there is no file or no native kernel here. A
+    file that disagrees is removed (the bundle then serves through ONNX Runtime) and a line says so."""
+    path = staged / fmt.ENCODER_NATIVE
+    if not path.is_file() or scoring.native_kernel() is None:
+        return None
+    native = NativeEncoder(path)
+    diff = native_agreement(native, onnx_int8)
+    if diff <= NATIVE_ENCODER_TOLERANCE:
+        return native
+    path.unlink()
+    printer(f"native encoder differs from the int8 ONNX encoder by {diff:.2g} (relative); not bundled")
+    return None
+
+
 def build_bundle(cfg: TrainConfig, data: data_mod.Interactions, result: TrainResult, out_dir: str | os.PathLike,
                  printer=print) -> dict:
     """Export, quantize, evaluate and write the bundle; returns its manifest."""
@@ -124,19 +142,22 @@ def build_bundle(cfg: TrainConfig, data: data_mod.Interactions, result: TrainRes
             "onnx_fp32": onnx_score_fn(enc32, items),
             "onnx_int8": onnx_score_fn(enc8, q, scales, per_user=True),   # as served: one user per call
         }
+        native = _checked_native(staged, enc8, printer)
+        if native is not None:   # what a node serves by default (edge_runtime.serving.encoder.load_encoder)
+            paths["native_int8"] = onnx_score_fn(native, q, scales, per_user=True)
         metrics = {name: evaluate(fn, split.test_ctx, split.test_target, cfg.max_len) for name, fn in paths.items()}
         n_check = min(cfg.int8_check_users, len(split.test_ctx))
         check = np.random.default_rng(cfg.seed).choice(len(split.test_ctx), n_check, replace=False)
         ctx = [split.test_ctx[i] for i in check]
         ref = topk_lists(paths["pytorch_fp32"], ctx, cfg.max_len, 10)
         overlap = {name: topk_overlap(ref, topk_lists(paths[name], ctx, cfg.max_len, 10))
-                   for name in ("onnx_fp32", "onnx_int8")}
+                   for name in paths if name != "pytorch_fp32"}
         f32, i8 = metrics["pytorch_fp32"], metrics["onnx_int8"]
         rel = (i8["NDCG@10"] - f32["NDCG@10"]) / f32["NDCG@10"] if f32["NDCG@10"] else 0.0
         printer("test (leave-one-out, full ranking over %d items, %d users):" % (data.num_items, f32["users"]))
         printer(f"  {'path':<34} {'HR@10':>8} {'NDCG@10':>8} {'HR@20':>8} {'NDCG@20':>8}")
         labels = {"pytorch_fp32": "fp32 (PyTorch)", "onnx_fp32": "fp32 (ONNX, float32 items)",
-                  "onnx_int8": "int8 (ONNX int8, int8 items)"}
+                  "onnx_int8": "int8 (ONNX int8, int8 items)", "native_int8": "int8 (native encoder, int8 items)"}
         for name, m in metrics.items():
             printer(f"  {labels[name]:<34} {m['HR@10']:8.4f} {m['NDCG@10']:8.4f} {m['HR@20']:8.4f} "
                     f"{m['NDCG@20']:8.4f}")

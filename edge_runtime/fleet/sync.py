@@ -191,8 +191,9 @@ class SyncManager:
                 continue
             try:
                 model = self.verified_model(v)
-            except BundleError as exc:
-                msg = f"bundle {v} on disk fails verification, not served: {exc}"
+            except Exception as exc:  # noqa: BLE001 - BundleError, or a bug a bad file reaches: the next one boots
+                detail = str(exc) if isinstance(exc, BundleError) else f"{type(exc).__name__}: {exc}"
+                msg = f"bundle {v} on disk fails verification, not served: {detail}"
                 self.boot_errors = (self.boot_errors + [msg[:const.MAX_ERROR_CHARS]])[-const.MAX_BOOT_ERRORS:]
                 self._error(msg)
                 continue

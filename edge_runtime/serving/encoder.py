@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from typing import Sequence
 
 import numpy as np
@@ -128,6 +127,7 @@ class Encoder:
 
 
 NATIVE_FORM = 1          # the weights file layout this node reads (trainer.export.NATIVE_FORM)
+MAX_NATIVE_DIM = 4096    # d beyond this is not a model this encoder serves (a corrupt config, not a big model)
 ENCODER_CHOICES = ("auto", "native", "onnx")
 
 
@@ -155,17 +155,21 @@ class NativeEncoder:
             raise BundleError(f"{path}: the native encoder needs the native kernel (scoring runs on "
                               f"{scoring.BACKEND})")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(path, allow_pickle=False) as z:   # a lone .npy array has no `with`: a TypeError
                 arrays = {k: np.ascontiguousarray(z[k]) for k in z.files}
-            cfg = arrays.pop("config")
-            eps = float(arrays.pop("eps")[0])
+            cfg, eps = arrays.pop("config"), arrays.pop("eps")
             if cfg.dtype != np.int64 or cfg.shape != (8,) or int(cfg[0]) != NATIVE_FORM:
                 raise ValueError(f"config must be int64 [8] of form {NATIVE_FORM}")
+            if eps.dtype.kind != "f" or eps.shape != (1,):
+                raise ValueError("eps must be a float array [1]")
             _, d, heads, max_len, blocks, causal, sasrec, mask = (int(x) for x in cfg)
+            if not (0 < d <= MAX_NATIVE_DIM and 0 < heads <= d and 0 < blocks <= 64 and 0 < max_len <= 4096):
+                raise ValueError(f"config d={d}, heads={heads}, blocks={blocks}, max_len={max_len} out of range")
             self._enc = native.SessionEncoder(arrays, d, heads, max_len, blocks, bool(causal), bool(sasrec), mask,
-                                              eps, level or "")
-        except (OSError, KeyError, IndexError, ValueError, zipfile.BadZipFile) as exc:
-            raise BundleError(f"{path}: not a native encoder weights file: {exc}") from None
+                                              float(eps[0]), level or "")
+        except Exception as exc:  # noqa: BLE001 - zip, npy, pybind and memory errors alike: a bad file, named
+            raise BundleError(f"{path}: not a native encoder weights file: {type(exc).__name__}: "
+                              f"{str(exc)[:300]}") from None
         self.level, self.dim, self.max_len, self.rows = self._enc.level, d, max_len, self._enc.rows
         self.provider = f"native-{self.level}"
         self.providers_requested: tuple[str, ...] = ()
@@ -188,35 +192,57 @@ class NativeEncoder:
         return self._enc.encode(tokens, offsets)
 
 
-def native_agreement(native: NativeEncoder, reference: "Encoder", sessions: int = 24, seed: int = 0) -> float:
-    """The largest difference between ``native`` and the ONNX ``reference`` on ``sessions`` pseudo-random
-    sessions of lengths spread over 1 .. max_len (each call alone, and the same sessions as one padded batch),
-    relative to the largest value: float rounding gives about 1e-6."""
+def native_agreement(native: NativeEncoder, reference: "Encoder", sessions: int = 24, seed: int = 0,
+                     max_rows: int = const.NATIVE_CHECK_ROWS) -> float:
+    """The largest difference between ``native`` and the ONNX ``reference``, relative to the largest value (float
+    rounding gives about 1e-6; inf when either gives a non-finite value): every token of the table as a session of
+    one item (so every row of the table and its scale is compared; above ``max_rows`` rows, that many drawn at
+    random), and ``sessions`` pseudo-random sessions of lengths spread over 1 .. max_len, each call alone and all
+    as one padded batch.
+
+    Raises:
+        whatever the reference raises for a token it does not have (a table larger than the ONNX file's).
+    """
     rng = np.random.default_rng(seed)
-    lengths = np.linspace(1, native.max_len, sessions).round().astype(int)
     worst, scale = 0.0, 1.0
+
+    def compare(seq: np.ndarray) -> None:
+        nonlocal worst, scale
+        got, want = native(seq), reference(seq)
+        if not (np.all(np.isfinite(got)) and np.all(np.isfinite(want))):
+            worst = float("inf")
+            return
+        worst = max(worst, float(np.max(np.abs(got - want))) if got.size else 0.0)
+        scale = max(scale, float(np.max(np.abs(want))) if want.size else 0.0)
+
+    rows = np.arange(1, native.rows, dtype=np.int64)
+    if len(rows) > max_rows:
+        rows = np.sort(rng.choice(rows, max_rows, replace=False))
+    for start in range(0, len(rows), 4096):
+        compare(rows[start:start + 4096].reshape(-1, 1))
+    lengths = np.linspace(1, native.max_len, sessions).round().astype(int)
     for length in lengths:
-        seq = rng.integers(1, native.rows, (1, int(length)), dtype=np.int64)
-        want = reference(seq)
-        worst = max(worst, float(np.max(np.abs(native(seq) - want))))
-        scale = max(scale, float(np.max(np.abs(want))))
+        compare(rng.integers(1, native.rows, (1, int(length)), dtype=np.int64))
     batch = np.zeros((sessions, native.max_len), dtype=np.int64)
     for b, length in enumerate(lengths):
         batch[b, native.max_len - int(length):] = rng.integers(1, native.rows, int(length))
-    worst = max(worst, float(np.max(np.abs(native(batch) - reference(batch)))))
+    compare(batch)
     return worst / scale
 
 
 def load_encoder(path: str | os.PathLike, native_path: str | os.PathLike | None = None, threads: int = 1,
-                 providers: Sequence[str] | None = None, mode: str | None = None) -> "Encoder | NativeEncoder":
+                 providers: Sequence[str] | None = None, mode: str | None = None,
+                 expect: tuple[int, int, int] | None = None) -> "Encoder | NativeEncoder":
     """The encoder a node serves: the native encoder when the bundle has its weights (``native_path``), the native
-    kernel is in use, ONNX Runtime runs on the CPU, and the two agree on probe sessions (``native_agreement`` at
-    most ``const.NATIVE_ENCODER_TOLERANCE``); else the ONNX Runtime ``Encoder`` of ``path`` (a warning says why,
-    unless the bundle simply has no native weights).
+    kernel is in use, ONNX Runtime runs on the CPU, the weights' shape is the bundle's (``expect``) and the two
+    agree (``native_agreement`` at most ``const.NATIVE_ENCODER_TOLERANCE``); else the ONNX Runtime ``Encoder`` of
+    ``path`` (a warning says why, unless the bundle simply has no native weights).
 
     Args:
         mode: ``auto`` (the above), ``onnx`` (always ONNX Runtime) or ``native`` (the native encoder or an error);
             None: ``EDGEREC_ENCODER``, default ``auto``.
+        expect: (d, max_len, items) of the bundle's manifest: the native weights must have that d and max_len and
+            a table of items + 1 rows (+ 1 for BERT4Rec's [MASK]).
     Raises:
         ValueError: an unknown ``mode``.
         BundleError: as ``Encoder``; with ``mode="native"``, no usable native encoder.
@@ -234,18 +260,19 @@ def load_encoder(path: str | os.PathLike, native_path: str | os.PathLike | None 
         return onnx_encoder   # an accelerator the operator asked for runs the ONNX encoder
     try:
         native = NativeEncoder(native_path)
+        if expect is not None:
+            d, max_len, items = expect
+            if native.dim != d or native.max_len != max_len or native.rows - 1 - items not in (0, 1):
+                raise BundleError(f"its d = {native.dim}, max_len = {native.max_len} and {native.rows} table rows do "
+                                  f"not fit the bundle's d = {d}, max_len = {max_len} and {items} items")
         diff = native_agreement(native, onnx_encoder)
-    except (BundleError, ValueError) as exc:
+        if not diff <= const.NATIVE_ENCODER_TOLERANCE:
+            raise BundleError(f"the native encoder differs from ONNX Runtime by {diff:.2g} (relative) on probe "
+                              f"sessions, more than {const.NATIVE_ENCODER_TOLERANCE:g}")
+    except Exception as exc:  # noqa: BLE001 - whatever the file or ONNX Runtime's check raised: not served
         if mode == "native":
             raise BundleError(f"{native_path}: the native encoder cannot serve this bundle: {exc}") from None
         log.warning("the native encoder cannot serve %s (%s); the encoder runs on ONNX Runtime", native_path, exc)
-        return onnx_encoder
-    if not diff <= const.NATIVE_ENCODER_TOLERANCE:
-        msg = (f"the native encoder differs from ONNX Runtime by {diff:.2g} (relative) on probe sessions, more "
-               f"than {const.NATIVE_ENCODER_TOLERANCE:g}")
-        if mode == "native":
-            raise BundleError(f"{native_path}: {msg}")
-        log.warning("%s: %s; the encoder runs on ONNX Runtime", native_path, msg)
         return onnx_encoder
     native.providers_requested = onnx_encoder.providers_requested
     return native

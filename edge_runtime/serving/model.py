@@ -43,8 +43,10 @@ def check_model(model: "Model") -> float:
         u = model.encode([row])
     except Exception as exc:  # onnxruntime raises its own types for a broken graph
         raise BundleError(f"{model.path}: the encoder fails on a one-item session: {exc}") from None
-    if u.shape != (model.dim,) or not np.all(np.isfinite(u)):
-        raise BundleError(f"{model.path}: encoder returned {u.shape} (expected ({model.dim},)) or non-finite values")
+    if u.shape != (model.dim,):
+        raise BundleError(f"{model.path}: encoder returned a vector of shape {u.shape}, expected ({model.dim},)")
+    if not np.all(np.isfinite(u)):
+        raise BundleError(f"{model.path}: encoder returned non-finite values (NaN or inf) for a one-item session")
     k = min(const.CHECK_K, model.num_items)
     t0 = time.perf_counter()
     ids, scores = scoring.topk(u, model.items, k, item_scales=model.scales)
@@ -160,7 +162,8 @@ class Model:
         self.added: dict[str, tuple[str, ...]] = {}
         self._item_mean: np.ndarray | None = None
         self._attr_index: dict[str, int] | None = None
-        self.encoder = load_encoder(arrays.encoder_path, arrays.native_encoder_path, threads, providers)
+        self.encoder = load_encoder(arrays.encoder_path, arrays.native_encoder_path, threads, providers,
+                                    expect=(int(arrays.items.shape[1]), self.max_len, n))
         self.index = {item: row for row, item in enumerate(self.item_ids)}
         # [N, 1] float32 so the popularity list runs through the same top-k scan (and filters) as model scores.
         self.popularity_column = np.ascontiguousarray(self.popularity.reshape(-1, 1))

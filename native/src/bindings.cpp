@@ -34,7 +34,8 @@ void require(bool ok, const std::string& msg) {
 // formatting a dtype name costs more than the checks themselves.
 template <typename T>
 void check_array(const py::array& a, const char* name, int ndim) {
-    if (!(py::isinstance<py::array_t<T>>(a) && a.dtype().is(py::dtype::of<T>())))
+    // an equivalent dtype (NumPy's PyArray_EquivTypes: int64 and longlong on LP64), native byte order; no conversion
+    if (!py::isinstance<py::array_t<T>>(a))
         throw std::invalid_argument(std::string(name) + " has the wrong dtype (" + std::string(py::str(a.dtype())) +
                                     "); convert with np.ascontiguousarray(x, dtype=np." +
                                     std::string(py::str(py::dtype::of<T>())) + ")");
@@ -289,17 +290,19 @@ class SessionEncoder {
         check_array<std::int64_t>(tokens, "tokens", 1);
         check_array<std::int64_t>(offsets, "offsets", 1);
         require(offsets.shape(0) >= 1, "offsets must hold B + 1 values");
-        const auto* t = static_cast<const std::int64_t*>(tokens.data());
-        const auto* o = static_cast<const std::int64_t*>(offsets.data());
+        // copies, checked: another thread may write the caller's arrays once the GIL is released
+        const auto* tp = static_cast<const std::int64_t*>(tokens.data());
+        const auto* op = static_cast<const std::int64_t*>(offsets.data());
+        const std::vector<std::int64_t> t(tp, tp + tokens.shape(0)), o(op, op + offsets.shape(0));
         const std::int64_t B = offsets.shape(0) - 1, T = tokens.shape(0);
         require(o[0] == 0 && o[B] == T, "offsets must start at 0 and end at len(tokens)");
         for (std::int64_t b = 0; b < B; ++b) require(o[b] <= o[b + 1], "offsets must be non-decreasing");
-        check_tokens(t, T);
+        check_tokens(t.data(), T);
         py::array_t<float> out({B, static_cast<std::int64_t>(w_.d)});
         float* dst = out.mutable_data();
         {
             py::gil_scoped_release release;
-            impl_->encode(w_, t, o, B, dst);
+            impl_->encode(w_, t.data(), o.data(), B, dst);
         }
         return out;
     }
@@ -311,8 +314,8 @@ class SessionEncoder {
         require(W >= 1 && W <= w_.max_len, "item_seq must have 1 to max_len = " + std::to_string(w_.max_len) +
                                                " columns, got " + std::to_string(W));
         const auto* t = static_cast<const std::int64_t*>(tokens.data());
-        check_tokens(t, B * W);
-        // each row without its leading padding (positions count from the right: the same vector)
+        // each row without its leading padding (positions count from the right: the same vector), copied before
+        // the check (another thread may write the caller's array once the GIL is released)
         std::vector<std::int64_t> flat;
         flat.reserve(static_cast<std::size_t>(B * W));
         std::vector<std::int64_t> off(static_cast<std::size_t>(B + 1), 0);
@@ -322,6 +325,7 @@ class SessionEncoder {
             flat.insert(flat.end(), t + b * W + j, t + (b + 1) * W);
             off[static_cast<std::size_t>(b + 1)] = static_cast<std::int64_t>(flat.size());
         }
+        check_tokens(flat.data(), static_cast<std::int64_t>(flat.size()));
         py::array_t<float> out({B, static_cast<std::int64_t>(w_.d)});
         float* dst = out.mutable_data();
         {

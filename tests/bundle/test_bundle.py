@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edge_runtime import bundle
+from edge_runtime import bundle, scoring
 from edge_runtime.errors import BundleError
 from edge_runtime.serving.model import Model
 
@@ -24,6 +24,10 @@ def rewrite_manifest(path, fn):
     m = json.loads((path / "manifest.json").read_text())
     fn(m)
     (path / "manifest.json").write_text(json.dumps(m))
+
+
+# with the native kernel here the trainer also evaluates the native encoder (what a node serves)
+NATIVE_PATH = {"native_int8"} if scoring.native_kernel() is not None else set()
 
 
 def test_manifest_contents(tiny_manifest, tiny_bundle):
@@ -42,11 +46,15 @@ def test_manifest_contents(tiny_manifest, tiny_bundle):
     assert np.load(tiny_bundle / "items.i8.npy").dtype == np.int8
     assert np.load(tiny_bundle / "items.scale.npy").shape == (n,)
     test = m["metrics"]["test"]
-    assert set(test) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    assert set(test) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"} | NATIVE_PATH
     assert test["onnx_fp32"]["NDCG@10"] == pytest.approx(test["pytorch_fp32"]["NDCG@10"], rel=1e-3)
     assert 0.0 < test["pytorch_fp32"]["NDCG@10"] < 1.0
     assert m["metrics"]["top10_overlap_vs_pytorch"]["onnx_fp32"] > 0.99
     assert m["metrics"]["top10_overlap_vs_pytorch"]["onnx_int8"] > 0.8
+    assert "encoder.int8.native.npz" in files
+    if NATIVE_PATH:   # the same function as the int8 ONNX encoder: the same test metrics, up to an exact tie
+        assert test["native_int8"]["NDCG@10"] == pytest.approx(test["onnx_int8"]["NDCG@10"], abs=2e-3)
+        assert m["metrics"]["top10_overlap_vs_pytorch"]["native_int8"] > 0.8
 
 
 def test_altered_file_is_refused_naming_it(copy):

@@ -112,6 +112,8 @@ def test_native_encoder_refuses_bad_input_with_a_clear_error(tmp_path):
         with pytest.raises(ValueError, match=words):
             call()
     np.testing.assert_array_equal(enc(ok), enc(ok))   # still serving after every refusal
+    # an equivalent dtype is taken as it is (int64 is longlong on LP64)
+    np.testing.assert_array_equal(enc(ok.astype(np.longlong)), enc(ok))
 
 
 def test_a_damaged_weights_file_is_refused_by_name(tmp_path):
@@ -130,6 +132,19 @@ def test_a_damaged_weights_file_is_refused_by_name(tmp_path):
     np.savez(tmp_path / "future.npz", **dict(arrays, config=cfg))
     with pytest.raises(BundleError, match="form 1"):
         NativeEncoder(tmp_path / "future.npz")
+    # whatever NumPy or the binding raises for a bad file is a BundleError naming it (found by a breaker run:
+    # EOFError, TypeError and MemoryError escaped and stopped a node from booting)
+    huge = arrays["config"].copy()
+    huge[1] = 1 << 40
+    np.savez(tmp_path / "huge.npz", **dict(arrays, config=huge))
+    np.savez(tmp_path / "empty.npz")
+    np.save(tmp_path / "plain.npy", arrays["table"])
+    (tmp_path / "plain.npy").rename(tmp_path / "plain.npz")
+    np.savez(tmp_path / "bytes_eps.npz", **dict(arrays, eps=np.array([b"1e-8"])))
+    for name in ("huge.npz", "empty.npz", "plain.npz", "bytes_eps.npz"):
+        with pytest.raises(BundleError, match=f"{name}: not a native encoder weights file"):
+            NativeEncoder(tmp_path / name)
+        assert isinstance(load_encoder(tmp_path / "e8.onnx", tmp_path / name), Encoder)
 
 
 def test_load_encoder_serves_native_only_when_it_agrees(tmp_path, caplog):
@@ -153,6 +168,20 @@ def test_load_encoder_serves_native_only_when_it_agrees(tmp_path, caplog):
     assert "differs from ONNX Runtime" in caplog.text
     with pytest.raises(BundleError, match="differs from ONNX Runtime"):
         load_encoder(onnx_path, tmp_path / "other.npz", mode="native")
+    # one table row off (its scale NaN, or 100 times larger): every row is compared at load, not a sample
+    for value in (np.nan, 100.0):
+        with np.load(weights) as z:
+            bad = {k: z[k] for k in z.files}
+        bad["table_scale"][ITEMS - 7] *= np.float32(value)
+        np.savez(tmp_path / "row.npz", **bad)
+        assert native_agreement(NativeEncoder(tmp_path / "row.npz"), Encoder(onnx_path)) > 1e-3
+        assert isinstance(load_encoder(onnx_path, tmp_path / "row.npz"), Encoder)
+    # weights of another shape than the bundle's (d, max_len, items): ONNX Runtime serves
+    assert isinstance(load_encoder(onnx_path, weights, expect=(32, MAX_LEN, ITEMS)), NativeEncoder)
+    for expect in ((32, MAX_LEN - 1, ITEMS), (16, MAX_LEN, ITEMS), (32, MAX_LEN, ITEMS + 5)):
+        assert isinstance(load_encoder(onnx_path, weights, expect=expect), Encoder)
+    with pytest.raises(BundleError, match="do not fit the bundle"):
+        load_encoder(onnx_path, weights, mode="native", expect=(32, MAX_LEN, ITEMS + 5))
 
 
 def test_bundle_model_serves_the_native_encoder(tiny_bundle):
