@@ -155,7 +155,7 @@ def run_demo(workdir: str | os.PathLike, time_budget_s: float = 150.0, epochs: i
             print(f"  an item unknown to the model is ignored, not an error: ignored={odd['ignored']}")
             health = c.call("health")
             print(f"  health: {health['status']}, model {health['model_version']}, {health['sessions']} sessions, "
-                  f"encoder on {health['provider']}, scan: {health['scoring']}")
+                  f"encoder: {health['encoder']} ({health['provider']}), scan: {health['scoring']}")
     finally:
         code = stop_daemon(proc)
     print(f"\ndaemon stopped (exit status {code}). Serve it yourself with:\n"

@@ -239,8 +239,8 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
     if shipper is not None:   # a log rebuilt after damage must not reuse sequence numbers already shipped
         events.ensure_seq_above(read_upstream_state(syn["state_dir"]).get("acked", 0))
     if model is not None:
-        log.info("loaded bundle %s: model %s, %d items, d=%d, encoder on %s, load %.2f s", model.path, model.version,
-                 model.num_items, model.dim, model.provider, model.load_seconds)
+        log.info("loaded bundle %s: model %s, %d items, d=%d, encoder: %s, load %.2f s", model.path, model.version,
+                 model.num_items, model.dim, model.encoder_name, model.load_seconds)
     else:
         log.warning("no verified bundle on disk yet: answering health only until the registry delivers one")
     executor = concurrent.futures.ThreadPoolExecutor(srv["threads"], thread_name_prefix="score")
@@ -328,8 +328,8 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
         if model is not None:
             async with swapper.lock():
                 await swapper.activate(model, "boot")   # the served-path check before anything listens
-            log.info("serving model %s (%s, %d items, encoder on %s, scoring: %s)", model.version, model.precision,
-                     model.num_items, model.provider, scoring.IMPLEMENTATION)
+            log.info("serving model %s (%s, %d items, encoder: %s, scoring: %s)", model.version, model.precision,
+                     model.num_items, model.encoder_name, scoring.IMPLEMENTATION)
         note = scoring.simd_note()
         if note:
             log.warning("%s; using %s", note, scoring.simd_level())

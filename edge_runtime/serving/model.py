@@ -128,7 +128,7 @@ class Model:
             node (``with_items``), ``num_added`` of them, whose ids and attributes ``added`` holds.
         attr_emb / id_mean: the bundle's compose arrays (float32 [V, d] / [d]), or None.
         provider: the ONNX Runtime execution provider the encoder runs on (``Encoder.provider``), or
-            ``native-<level>`` for the native encoder (``encoder.load_encoder``).
+            ``native-<level>`` for the native encoder (``encoder.load_encoder``); ``encoder_kind`` says which.
         batch_exact: one encoder call for several sessions gives each its lone call's vector bit for bit
             (``probe_batch_exact``, at load): ``encode_many`` then batches.
         call_tokens: the fixed cost of an encoder call, in tokens of window (``probe_batch_exact``).
@@ -190,6 +190,19 @@ class Model:
     @property
     def provider(self) -> str:
         return self.encoder.provider
+
+    @property
+    def encoder_kind(self) -> str:
+        """``"native"`` (``NativeEncoder``) or ``"onnxruntime"``: which encoder serves (``health``, ``model_info``)."""
+        return "native" if isinstance(self.encoder, NativeEncoder) else "onnxruntime"
+
+    @property
+    def encoder_name(self) -> str:
+        """The encoder in words for the log: "the native encoder (native-avx512_vnni)" or "ONNX Runtime
+        (CPUExecutionProvider)"."""
+        if isinstance(self.encoder, NativeEncoder):
+            return f"the native encoder ({self.provider}; EDGEREC_ENCODER=onnx for ONNX Runtime)"
+        return f"ONNX Runtime ({self.provider})"
 
     @property
     def num_items(self) -> int:
@@ -384,7 +397,7 @@ class Model:
         m = self.manifest
         test = m.get("metrics", {}).get("test", {})
         return {"model_version": self.version, "created_at": m.get("created_at"), "precision": self.precision,
-                "num_items": self.num_items, "dim": self.dim, "max_len": self.max_len, "provider": self.provider,
+                "num_items": self.num_items, "dim": self.dim, "max_len": self.max_len, "encoder": self.encoder_kind, "provider": self.provider,
                 "architecture": m.get("model", {}).get("architecture"),
                 "dataset": {k: m.get("dataset", {}).get(k) for k in ("path", "format", "fingerprint")},
                 "metrics": {name: {k: v for k, v in vals.items() if k in ("HR@10", "NDCG@10")}

@@ -671,7 +671,7 @@ class Service:
                "uptime_s": round(time.time() - self.started, 3), "sessions": len(self.sessions),
                "cache_entries": len(self.cache), "scoring": scoring.IMPLEMENTATION,
                "precision": m.precision if m else None, "added_items": m.num_added if m else 0,
-               "provider": m.provider if m else None,
+               "encoder": m.encoder_kind if m else None, "provider": m.provider if m else None,
                "providers_requested": list(m.encoder.providers_requested) if m else None}
         if self.events is not None:
             out["events"] = self.events.health()

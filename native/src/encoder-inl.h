@@ -207,10 +207,16 @@ inline void last_block(const EncoderWeights& w, const EncoderBlock& blk, const f
 void encode(const EncoderWeights& w, const std::int64_t* tokens, const std::int64_t* offsets, std::int64_t B,
             float* out) {
     const int d = w.d, L = w.max_len;
-    std::vector<float> scratch(encoder_scratch_floats(w));
-    std::vector<float> xbuf(static_cast<std::size_t>(L) * d);
-    std::vector<std::int64_t> win(static_cast<std::size_t>(L));
-    std::vector<unsigned char> real(static_cast<std::size_t>(L));
+    // per-thread buffers, grown to the largest model met and reused (no allocation or zeroing per call: a lone
+    // session costs a few µs, a zeroed 90 KB scratch about one of them)
+    static thread_local std::vector<float> scratch, xbuf;
+    static thread_local std::vector<std::int64_t> win;
+    static thread_local std::vector<unsigned char> real;
+    const std::size_t Ls = static_cast<std::size_t>(L);
+    if (scratch.size() < encoder_scratch_floats(w)) scratch.resize(encoder_scratch_floats(w));
+    if (xbuf.size() < Ls * d) xbuf.resize(Ls * d);
+    if (win.size() < Ls) win.resize(Ls);
+    if (real.size() < Ls) real.resize(Ls);
     enc::Scratch s = enc::carve(w, scratch.data());
     for (std::int64_t b = 0; b < B; ++b) {
         const std::int64_t* t = tokens + offsets[b];

@@ -111,4 +111,4 @@ def test_daemon_with_absent_providers_serves_on_cpu_with_one_warning(tmp_path, t
     warned = [r for r in records if "NoSuchExecutionProvider" in r["message"]]
     assert len(warned) == 1 and warned[0]["level"] == "WARNING", warned       # once, whatever the loads
     assert "none of the execution providers" in warned[0]["message"]
-    assert any("encoder on CPUExecutionProvider" in m and m.startswith("serving model") for m in messages)
+    assert any("encoder: ONNX Runtime (CPUExecutionProvider)" in m and m.startswith("serving model") for m in messages)
