@@ -85,7 +85,7 @@ inline void ffn(const EncoderWeights& w, const EncoderBlock& blk, const float* f
 
 struct Scratch {
     float *h, *q, *k, *v, *y, *t;   // [L, d] each
-    float *s, *e;                   // [L]
+    float* s;                       // [L]: attention scores
     float *qk, *xbar, *att, *u, *f, *g, *r;  // [d] each (and room to spare)
 };
 
@@ -93,8 +93,8 @@ inline Scratch carve(const EncoderWeights& w, float* base) {
     const std::ptrdiff_t L = w.max_len, d = w.d;
     Scratch s;
     s.h = base; s.q = s.h + L * d; s.k = s.q + L * d; s.v = s.k + L * d; s.y = s.v + L * d; s.t = s.y + L * d;
-    s.s = s.t + L * d; s.e = s.s + L;
-    s.qk = s.e + L; s.xbar = s.qk + d; s.att = s.xbar + d; s.u = s.att + d; s.f = s.u + d; s.g = s.f + d;
+    s.s = s.t + L * d;
+    s.qk = s.s + L; s.xbar = s.qk + d; s.att = s.xbar + d; s.u = s.att + d; s.f = s.u + d; s.g = s.f + d;
     s.r = s.g + d;
     return s;
 }

@@ -36,7 +36,7 @@ struct EncoderWeights {
 // Floats of scratch one encode() call needs.
 inline std::size_t encoder_scratch_floats(const EncoderWeights& w) {
     const std::size_t L = static_cast<std::size_t>(w.max_len), d = static_cast<std::size_t>(w.d);
-    return 6 * L * d + 2 * L + 12 * d;
+    return 6 * L * d + L + 12 * d;
 }
 
 }  // namespace edgerec
