@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime import scoring
 from edge_runtime.bundle import format as fmt
 from edge_runtime.bundle.writer import (attribute_csr, check_out_dir, new_model_version, stage_arrays,
                                         write_bundle)
-from edge_runtime import scoring
-from edge_runtime.const import NATIVE_ENCODER_TOLERANCE
-from edge_runtime.serving.encoder import Encoder, NativeEncoder, native_agreement
+from edge_runtime.errors import BundleError
+from edge_runtime.serving.encoder import Encoder, NativeEncoder, load_encoder
 
 from . import checkpoint as checkpoint_mod
 from . import data as data_mod
@@ -101,20 +101,19 @@ def compose_arrays(model) -> tuple[np.ndarray, np.ndarray] | None:
             w[1:model.num_items + 1].mean(axis=0).astype(np.float32))
 
 
-def _checked_native(staged: Path, onnx_int8: Encoder, printer) -> NativeEncoder | None:
+def _checked_native(staged: Path, printer) -> NativeEncoder | None:
     """The staged native encoder weights (``export_native``), checked against the int8 ONNX encoder as a node checks
-    them at load (``native_agreement``): the encoder, or None when there is no file or no native kernel here. A
-    file that disagrees is removed (the bundle then serves through ONNX Runtime) and a line says so."""
+    them at load (``load_encoder``): the encoder, or None when there is no file or no native kernel here. A file
+    that fails the check is removed (the bundle then serves through ONNX Runtime) and a line says why."""
     path = staged / fmt.ENCODER_NATIVE
     if not path.is_file() or scoring.native_kernel() is None:
         return None
-    native = NativeEncoder(path)
-    diff = native_agreement(native, onnx_int8)
-    if diff <= NATIVE_ENCODER_TOLERANCE:
-        return native
-    path.unlink()
-    printer(f"native encoder differs from the int8 ONNX encoder by {diff:.2g} (relative); not bundled")
-    return None
+    try:
+        return load_encoder(staged / fmt.ENCODER_INT8, path, mode="native")
+    except BundleError as exc:
+        path.unlink()
+        printer(f"native encoder not bundled: {exc}")
+        return None
 
 
 def build_bundle(cfg: TrainConfig, data: data_mod.Interactions, result: TrainResult, out_dir: str | os.PathLike,
@@ -142,7 +141,7 @@ def build_bundle(cfg: TrainConfig, data: data_mod.Interactions, result: TrainRes
             "onnx_fp32": onnx_score_fn(enc32, items),
             "onnx_int8": onnx_score_fn(enc8, q, scales, per_user=True),   # as served: one user per call
         }
-        native = _checked_native(staged, enc8, printer)
+        native = _checked_native(staged, printer)
         if native is not None:   # what a node serves by default (edge_runtime.serving.encoder.load_encoder)
             paths["native_int8"] = onnx_score_fn(native, q, scales, per_user=True)
         metrics = {name: evaluate(fn, split.test_ctx, split.test_target, cfg.max_len) for name, fn in paths.items()}

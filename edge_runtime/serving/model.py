@@ -130,7 +130,7 @@ class Model:
         provider: the ONNX Runtime execution provider the encoder runs on (``Encoder.provider``), or
             ``native-<level>`` for the native encoder (``encoder.load_encoder``); ``encoder_kind`` says which.
         batch_exact: one encoder call for several sessions gives each its lone call's vector bit for bit
-            (``probe_batch_exact``, at load): ``encode_many`` then batches.
+            (``probe_batch_exact``, at load; the native encoder is by construction): ``encode_many`` then batches.
         call_tokens: the fixed cost of an encoder call, in tokens of window (``probe_batch_exact``).
     """
 
@@ -183,7 +183,9 @@ class Model:
         self._attr_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._attr_lock = threading.Lock()
         self.warmup_us = check_model(self)
-        self.batch_exact, self.call_tokens = probe_batch_exact(self)
+        # the native encoder computes each session alone: batch-exact by construction, and one call for a batch
+        self.batch_exact, self.call_tokens = ((True, 1.0) if isinstance(self.encoder, NativeEncoder)
+                                              else probe_batch_exact(self))
         self.score_us = score_cost_us(self)
         self.load_seconds = time.perf_counter() - t0
 

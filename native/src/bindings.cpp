@@ -298,13 +298,7 @@ class SessionEncoder {
         require(o[0] == 0 && o[B] == T, "offsets must start at 0 and end at len(tokens)");
         for (std::int64_t b = 0; b < B; ++b) require(o[b] <= o[b + 1], "offsets must be non-decreasing");
         check_tokens(t.data(), T);
-        py::array_t<float> out({B, static_cast<std::int64_t>(w_.d)});
-        float* dst = out.mutable_data();
-        {
-            py::gil_scoped_release release;
-            impl_->encode(w_, t.data(), o.data(), B, dst);
-        }
-        return out;
+        return run(t, o);
     }
 
     // tokens int64 [B, W], 1 <= W <= max_len, left-padded with 0 (the ONNX encoder's input) -> float32 [B, d]
@@ -326,13 +320,7 @@ class SessionEncoder {
             off[static_cast<std::size_t>(b + 1)] = static_cast<std::int64_t>(flat.size());
         }
         check_tokens(flat.data(), static_cast<std::int64_t>(flat.size()));
-        py::array_t<float> out({B, static_cast<std::int64_t>(w_.d)});
-        float* dst = out.mutable_data();
-        {
-            py::gil_scoped_release release;
-            impl_->encode(w_, flat.data(), off.data(), B, dst);
-        }
-        return out;
+        return run(flat, off);
     }
 
     std::string level() const { return impl_->name; }
@@ -341,6 +329,15 @@ class SessionEncoder {
     int max_len() const { return w_.max_len; }
 
    private:
+    // checked tokens and offsets (this object's own copies) -> float32 [B, d], the GIL released meanwhile
+    py::array_t<float> run(const std::vector<std::int64_t>& tokens, const std::vector<std::int64_t>& offsets) const {
+        const std::int64_t B = static_cast<std::int64_t>(offsets.size()) - 1;
+        py::array_t<float> out({B, static_cast<std::int64_t>(w_.d)});
+        float* dst = out.mutable_data();
+        py::gil_scoped_release release;
+        impl_->encode(w_, tokens.data(), offsets.data(), B, dst);
+        return out;
+    }
     py::array take(py::dict& arrays, const std::string& name) {
         require(arrays.contains(name.c_str()), "encoder weights: no array " + name);
         py::array a = py::reinterpret_borrow<py::object>(arrays[name.c_str()]);
