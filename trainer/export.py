@@ -198,7 +198,8 @@ def export_native(model: torch.nn.Module, int8_path: str | os.PathLike, out_path
         p = f"b{i}_"
         out.update({p + "ln1_w": v(blk.ln_attn.weight), p + "ln1_b": v(blk.ln_attn.bias),
                     p + "wq": t(w[:d]), p + "bq": v(b[:d]), p + "wk": t(w[d:2 * d]), p + "bk": v(b[d:2 * d]),
-                    p + "wv": t(w[2 * d:]), p + "bv": v(b[2 * d:]), p + "wo": t(blk.out.weight), p + "bo": v(blk.out.bias),
+                    p + "wv": t(w[2 * d:]), p + "bv": v(b[2 * d:]),
+                    p + "wo": t(blk.out.weight), p + "bo": v(blk.out.bias),
                     p + "ln2_w": v(blk.ln_ffn.weight), p + "ln2_b": v(blk.ln_ffn.bias),
                     p + "f1": t(blk.ffn[0].weight), p + "f1b": v(blk.ffn[0].bias),
                     p + "f2": t(blk.ffn[3].weight), p + "f2b": v(blk.ffn[3].bias)})

@@ -30,8 +30,9 @@ from . import numpy_kernel
 from .arrays import check_items, dense_scores, fix_hint, pack_mask, unpack_mask
 from .quantize import quantize_queries, quantize_rows
 
-__all__ = ["BACKEND", "FALLBACK_NOTE", "IMPLEMENTATION", "PackedInt8", "available_backends", "dense_scores", "pack_int8",
-           "native_kernel", "pack_mask", "quantize_queries", "quantize_rows", "simd_level", "topk", "topk_served", "unpack_mask"]
+__all__ = ["BACKEND", "FALLBACK_NOTE", "IMPLEMENTATION", "PackedInt8", "available_backends", "dense_scores",
+           "native_kernel", "pack_int8", "pack_mask", "quantize_queries", "quantize_rows", "simd_level", "topk",
+           "topk_served", "unpack_mask"]
 
 _FORCED = (env_value("SCORING") or "").strip().lower()
 _NO_NATIVE = env_flag("NO_NATIVE")
