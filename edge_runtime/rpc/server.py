@@ -89,6 +89,7 @@ class RpcConnection(asyncio.Protocol):
         self.methods = server.methods
         self.observer = server.observer
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None   # its loop, from connection_made on
         self.anonymous = server.auth is not None and server.auth.enforced   # no role yet: smaller frames
         self.unpacker = unpacker(self._frame_limit())
         self._base = 0   # stream offset where the current unpacker started (it is replaced once a role is set)
@@ -119,6 +120,7 @@ class RpcConnection(asyncio.Protocol):
     # -- transport callbacks ---------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.address = str(peer[0])
@@ -196,8 +198,9 @@ class RpcConnection(asyncio.Protocol):
     def _touch(self) -> None:
         """Restart the idle deadline: a connection with nothing in flight and no bytes for IDLE_SECONDS closes.
         Per chunk received this only notes the time; the one timer re-arms itself for what is left when it fires
-        (a cancelled and re-created timer per request cost more than the dispatch of a small request)."""
-        loop = asyncio.get_running_loop()
+        (a cancelled and re-created timer per request cost more than the dispatch of a small request). The loop is
+        the one kept at connection_made: looking it up costs a getpid() system call per chunk on Python < 3.12."""
+        loop = self._loop or asyncio.get_running_loop()
         self._last_active = loop.time()
         if self._idle is None:
             self._idle = loop.call_later(self.server.idle_seconds, self._idle_check)

@@ -225,13 +225,15 @@ class Batcher:
         if not self._turn_open:
             self._turn_open = True
             self._turn = 0
-            loop.call_soon(self._close_turn)
+            loop.call_soon(self._close_turn, loop)
         self._turn += 1
+        # only when this turn alone does not decide it (loop.time() and the lookup of the running loop cost a
+        # getpid() system call each on Python < 3.12)
         return self._turn > 1 or (self._last_turn > 1 and loop.time() - self._last_end < RECENT_S)
 
-    def _close_turn(self) -> None:
+    def _close_turn(self, loop: asyncio.AbstractEventLoop) -> None:
         self._last_turn, self._turn_open = self._turn, False
-        self._last_end = asyncio.get_running_loop().time()
+        self._last_end = loop.time()
 
     def add(self, job: Job, hold: bool = True, on_loop: bool = True) -> None:
         """Queue ``job``; its ``done`` is called on the loop once its batch is scored. ``hold``: requests are

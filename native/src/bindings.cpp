@@ -55,6 +55,7 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
                    int num_threads, bool packed, bool per_query = false, py::object exclude_offsets = py::none()) {
     ScanArgs a;
     a.per_query = per_query;
+    a.prefetch_f32 = edgerec::software_prefetch();
     const bool int8_items = packed || items.dtype().is(py::dtype::of<std::int8_t>());
     const bool int8_queries = queries.dtype().is(py::dtype::of<std::int8_t>());
     if (!packed) {
@@ -375,6 +376,9 @@ PYBIND11_MODULE(_native, m) {
     m.doc() = "edgerec native exact top-k (MIPS) kernel with runtime SIMD dispatch";
     m.def("simd_level", [] { return std::string(edgerec::active().name); },
           "Name of the SIMD level in use: avx512_vnni, avx512, avx2, neon_dotprod, neon or scalar.");
+    m.def("software_prefetch", [] { std::string why; const bool on = edgerec::software_prefetch(&why);
+              return py::make_tuple(on, why); },
+          "(on, why): whether the x86 float32-row scan issues software prefetches (EDGEREC_PREFETCH=1 / 0 forces it).");
     m.def("simd_note", [] { std::string n; edgerec::active(&n); return n; },
           "Why an EDGEREC_SIMD request was not honoured ('' if it was, or none was made).");
     m.def("available_levels", &edgerec::available_levels, "Levels this build has and this CPU/OS supports.");

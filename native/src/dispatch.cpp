@@ -133,6 +133,34 @@ std::vector<std::string> available_levels() {
     return out;
 }
 
+bool software_prefetch(std::string* why) {
+    static std::string reason;
+    static const bool on = [] {
+        const char* forced = std::getenv("EDGEREC_PREFETCH");
+        if (forced && (std::strcmp(forced, "0") == 0 || std::strcmp(forced, "1") == 0)) {
+            reason = std::string("forced by EDGEREC_PREFETCH=") + forced;
+            return forced[0] == '1';
+        }
+#if defined(__x86_64__) || defined(_M_X64)
+        unsigned int eax, ebx, ecx, edx;
+        __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0), "c"(0));
+        char vendor[13];
+        std::memcpy(vendor, &ebx, 4);
+        std::memcpy(vendor + 4, &edx, 4);
+        std::memcpy(vendor + 8, &ecx, 4);
+        vendor[12] = 0;
+        const bool intel = std::strcmp(vendor, "GenuineIntel") == 0;
+        reason = std::string(vendor) + (intel ? ": on" : ": off (the hardware prefetchers alone are faster)");
+        return intel;
+#else
+        reason = "not an x86 CPU: the scans issue none";
+        return false;
+#endif
+    }();
+    if (why) *why = reason;
+    return on;
+}
+
 const Impl* find_impl(const std::string& name) {
     for (const Impl& impl : kImpls)
         if (name == impl.name) return &impl;

@@ -23,6 +23,11 @@ std::vector<std::string> available_levels();
 std::vector<std::string> compiled_levels();
 // A compiled level by name whether or not this CPU supports it (nullptr if not compiled); for tests.
 const Impl* find_impl(const std::string& name);
+// Whether the x86 float32-row scan issues software prefetches (ScanArgs::prefetch_f32), chosen once:
+// EDGEREC_PREFETCH=1 / 0 forces it; otherwise on for Intel CPUs (without it the Xeon's scans stayed 15-25 % short of
+// its read bandwidth) and off for the others (AMD Zen 3, 1M float32 rows from DRAM: 8 % faster without, best of 15
+// in 6 of 6 paired runs; its int8 scans are faster with, and keep them). *why gets the reason in words.
+bool software_prefetch(std::string* why = nullptr);
 // Row-major int8 [n, d] -> packed 16-row tiles (topk_common.h); out must hold ceil(n / 16) * packed_tile_bytes(d).
 void pack_i8_rows(const std::int8_t* x, std::int64_t n, int d, std::uint8_t* out);
 

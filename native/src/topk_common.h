@@ -62,6 +62,9 @@ struct ScanArgs {
     // uses filters. The daemon's shared scan of a batch, where each shopper excludes what they have seen.
     const Filters* query_filters = nullptr;
     const Filters& filters_of(int q) const { return query_filters ? query_filters[q] : filters; }
+    // Software prefetch ahead of the x86 float32-row scan (dispatch.h software_prefetch(): on for Intel, off for
+    // AMD, whose hardware prefetchers stream float32 rows faster alone). Results do not depend on it.
+    bool prefetch_f32 = true;
 };
 
 // Bounded top-k of (score, index): a binary heap whose top is the current worst entry (lowest score; among equal

@@ -736,7 +736,9 @@ static void scan_f_avx2(const ScanArgs& a, std::int64_t begin, std::int64_t end,
         int t = 0;
         for (; t + 8 <= count; t += 8) {
             const Item* xr = x0 + static_cast<std::int64_t>(t) * d;
-            prefetch_lines(xr + 16 * d, 8 * d * sizeof(Item));  // 2 steps ahead
+            // 2 steps ahead; float32 rows only where software_prefetch says so (int8 rows always: their widening
+            // leaves more time to hide)
+            if (kWiden || a.prefetch_f32) prefetch_lines(xr + 16 * d, 8 * d * sizeof(Item));
             if (widen) {
                 float* w = wide.data()->v;
                 int e = 0;

@@ -178,6 +178,16 @@ int main() {
                             std::printf("MISMATCH level=%s mode=%d n=%lld d=%d nq=%d extreme=%d\n", level.c_str(), mode,
                                         n, d, nq, extreme);
                         }
+                        if (mode == 0) {   // the float32 scan without software prefetch (AMD's default): same bits
+                            ScanArgs off = a;
+                            off.prefetch_f32 = false;
+                            ++checks;
+                            if (!same(run(*impl, off, k), run(*ref, a, k))) {
+                                ++failures;
+                                std::printf("MISMATCH prefetch_f32=0 level=%s n=%lld d=%d nq=%d\n", level.c_str(), n,
+                                            d, nq);
+                            }
+                        }
                     }
                   }
                 }
