@@ -27,8 +27,8 @@ Every method is first checked to return the same ids (int8 cases use integer-val
 methods compute identical scores; float32 cases compare scores within 1e-4 and ids up to near-ties). Then each is
 timed: median over repeats (>= 3, ~0.3 s per method and case); the edgerec variants and FAISS, whose ratios the
 targets read, in interleaved rounds (one call of each per round, the order rotating), so that a slow spell of a
-shared VM lands on both sides of a ratio instead of on whichever ran in it. The machine's memory read bandwidth is measured in
-the same run (one thread streaming a 512 MiB float32 array through the kernel's own SIMD sum), and each case
+shared VM lands on both sides of a ratio instead of on whichever ran in it. The machine's memory read bandwidth is
+measured in the same run (one thread streaming a 512 MiB float32 array through the kernel's own SIMD sum), and each case
 reports the latency, the speedup over FAISS (FAISS time / our time), and our scan rate (item-matrix bytes / time)
 as a fraction of that bandwidth. Results go to JSON and a PNG of latency against N per method.
 """
