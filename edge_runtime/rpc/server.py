@@ -200,7 +200,7 @@ class RpcConnection(asyncio.Protocol):
         Per chunk received this only notes the time; the one timer re-arms itself for what is left when it fires
         (a cancelled and re-created timer per request cost more than the dispatch of a small request). The loop is
         the one kept at connection_made: looking it up costs a getpid() system call per chunk on Python < 3.12."""
-        loop = self._loop or asyncio.get_running_loop()
+        loop = self._loop
         self._last_active = loop.time()
         if self._idle is None:
             self._idle = loop.call_later(self.server.idle_seconds, self._idle_check)
@@ -209,9 +209,9 @@ class RpcConnection(asyncio.Protocol):
         self._idle = None
         if self.closed:
             return
-        left = self._last_active + self.server.idle_seconds - asyncio.get_running_loop().time()
+        left = self._last_active + self.server.idle_seconds - self._loop.time()
         if left > 0:
-            self._idle = asyncio.get_running_loop().call_later(left, self._idle_check)
+            self._idle = self._loop.call_later(left, self._idle_check)
             return
         if self.inflight or self.reading_paused:
             self._touch()

@@ -225,10 +225,8 @@ class Batcher:
         if not self._turn_open:
             self._turn_open = True
             self._turn = 0
-            loop.call_soon(self._close_turn, loop)
+            loop.call_soon(self._close_turn, loop)   # not looked up again there: a getpid() call on Python < 3.12
         self._turn += 1
-        # only when this turn alone does not decide it (loop.time() and the lookup of the running loop cost a
-        # getpid() system call each on Python < 3.12)
         return self._turn > 1 or (self._last_turn > 1 and loop.time() - self._last_end < RECENT_S)
 
     def _close_turn(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -142,15 +142,9 @@ bool software_prefetch(std::string* why) {
             return forced[0] == '1';
         }
 #if defined(__x86_64__) || defined(_M_X64)
-        unsigned int eax, ebx, ecx, edx;
-        __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0), "c"(0));
-        char vendor[13];
-        std::memcpy(vendor, &ebx, 4);
-        std::memcpy(vendor + 4, &edx, 4);
-        std::memcpy(vendor + 8, &ecx, 4);
-        vendor[12] = 0;
-        const bool intel = std::strcmp(vendor, "GenuineIntel") == 0;
-        reason = std::string(vendor) + (intel ? ": on" : ": off (the hardware prefetchers alone are faster)");
+        __builtin_cpu_init();
+        const bool intel = __builtin_cpu_is("intel");
+        reason = intel ? "an Intel CPU" : "not an Intel CPU: the hardware prefetchers alone are faster there";
         return intel;
 #else
         reason = "not an x86 CPU: the scans issue none";
