@@ -18,7 +18,10 @@ real session lengths. In the same run:
   clients: what a Python socket server costs before it does any work;
 * the daemon's CPU time per request (user + system ticks from ``/proc/<pid>/stat`` before and after a case,
   divided by the requests answered), which the load generator on the same cores does not blur, split by the
-  daemon's own clock (``stats.scoring``) into encoder, scan and the rest (its own path), with the batches formed.
+  daemon's own clock (``stats.scoring``) into encoder, scan and the rest (its own path), with the requests the
+  fast path answered (``serving/fastpath.py``: a lone plain frame, bytes to reply bytes in one native call) and
+  the batches formed. ``EDGEREC_FAST_PATH=0`` in this process's environment (the daemon inherits it) measures the
+  general path instead.
 
 Bounded: ``--requests`` per case and ``--max-seconds`` per case.
 
@@ -300,8 +303,9 @@ def main(argv=None) -> int:
         r = results[f"socket_recommend_c{c}"]
         print(f"recommend c{c} inside the daemon: encoder {r['daemon_encoder_us_per_request']:.1f} µs + scan "
               f"{r['daemon_scan_us_per_request']:.1f} µs + its own path {r['daemon_own_path_us_per_request']:.1f} µs "
-              f"= CPU {r['server_cpu_us_per_request']:.1f} µs per request; {r['batched_requests']} of {r['n']} "
-              f"requests in {r['batches']} batches, {r['encoder_calls']} encoder calls")
+              f"= CPU {r['server_cpu_us_per_request']:.1f} µs per request; {r['fast_path']} of {r['n']} requests "
+              f"by the fast path, {r['batched_requests']} in {r['batches']} batches, {r['encoder_calls']} encoder "
+              f"calls")
     results["targets"] = targets(results)
     for t in results["targets"]:
         print(f"  {'PASS' if t['ok'] else 'FAIL'}  {t['what']}: {t['measured']:.1f} vs {t['bound']:.1f}")
@@ -314,13 +318,14 @@ def main(argv=None) -> int:
 def in_daemon(before: dict, after: dict, case: dict) -> dict:
     """The daemon's own account of a case (``stats.scoring`` before and after): encoder and scan µs per request as
     timed inside it, the rest of its CPU per request (its own path: sockets, framing, dispatch, checks, reply),
-    and how many requests were scored in batches."""
+    how many requests the fast path answered (``serving/fastpath.py``) and how many were scored in batches."""
     n = max(1, case["n"])
     enc = (after["encode_seconds"] - before["encode_seconds"]) * 1e6 / n
     scan = (after["scan_seconds"] - before["scan_seconds"]) * 1e6 / n
     return {"daemon_encoder_us_per_request": enc, "daemon_scan_us_per_request": scan,
             "daemon_own_path_us_per_request": case["server_cpu_us_per_request"] - enc - scan,
             "encoder_calls": after.get("encoder_runs", 0) - before.get("encoder_runs", 0),
+            "fast_path": after.get("fast_path", 0) - before.get("fast_path", 0),
             "batches": after["batches"] - before["batches"], "batched_requests": after["batched"] - before["batched"]}
 
 

@@ -99,6 +99,13 @@ SCORING_THREADS = 2          # threads that run encoder + scan; both release the
 # group's largest k for every query).
 BATCH_MAX_REQUESTS = 32
 BATCH_MAX_FETCH = 256
+# The recommend fast path (serving/fastpath.py) answers plain frames that arrive together one by one, unbatched,
+# when a batch would save a request less scan time than this: what the general path (decode, checks, futures,
+# reply encode) costs a request beyond the fast path. Measured by bench/bench_latency.py on the Beauty bundle
+# (12,101 items; 2-core AMD EPYC, 2026-12-02): daemon own path 86-121 µs per batched request against 56-69 µs per
+# fast one, while a batch of 8 saves 30-40 µs of scan per query; 8 clients 3,935-4,876 requests/s batched against
+# 6,729 through the fast path one by one.
+FAST_OVER_BATCH_US = 60.0     # µs
 # Rounds of the load-time check that padded encoder calls are bit-identical to lone calls (Model.batch_exact,
 # serving/model.py probe_batch_exact): 24 sessions each, ~1.5 ms per round on the Beauty bundle.
 BATCH_PROBE_ROUNDS = 4

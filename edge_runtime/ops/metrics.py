@@ -1,7 +1,7 @@
 """Prometheus metrics (the ``prometheus_client`` library; text exposition format 0.0.4) and the ``stats`` RPC.
 
-Counters and latency histograms are updated on the request path (a dict lookup and an add each; the status page's
-ring of the last minutes, ``ops/status.py``, a few more); everything else is read from the service when scraped
+Request counts and latency histograms are updated on the request path (plain counters, ``_RequestCollector``: a dict
+lookup, a bisect and three adds; the status page's ring of the last minutes, ``ops/status.py``, a few more); everything else is read from the service when scraped
 (``_ServiceCollector``), so an idle daemon does no metrics work. The same HTTP server answers ``/`` (the status
 page) and ``/status.json`` (``Metrics.serve_http``). Families:
 
@@ -43,10 +43,11 @@ import asyncio
 import json
 import logging
 import time
+from bisect import bisect_left as _bisect_left
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
-                               generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from .. import const, scoring
 from ..rpc.methods import MethodTable, check_keys
@@ -196,6 +197,38 @@ class _ServiceCollector:
             yield CounterMetricFamily("edgerec_sync_errors", "model sync failures", value=sync.status["errors"])
 
 
+class _RequestCollector:
+    """``edgerec_requests_total{method}`` and ``edgerec_request_duration_seconds{method}`` from plain counters: per
+    method a list [count, sum of seconds, one count per bucket of ``BUCKETS`` + the +Inf one], added to on the
+    request path (a dict lookup, a bisect and three adds: prometheus_client's Counter and Histogram, with a lock
+    each, cost the 100 µs request about 6 µs) and turned into the two families when scraped (same names, labels
+    and buckets as a Counter and a Histogram; no ``_created`` series)."""
+
+    def __init__(self):
+        self.by_method: dict[str, list] = {}
+
+    def series(self, name: str) -> list:
+        acc = self.by_method.get(name)
+        if acc is None:
+            acc = self.by_method[name] = [0, 0.0] + [0] * (len(BUCKETS) + 1)
+        return acc
+
+    def collect(self):
+        req = CounterMetricFamily("edgerec_requests", "requests received", labels=["method"])
+        lat = HistogramMetricFamily("edgerec_request_duration_seconds", "handler time per request (s)",
+                                    labels=["method"])
+        for name, acc in list(self.by_method.items()):
+            counts = acc[2:]
+            total, cumulative = 0, []
+            for bound, c in zip([*map(floatToGoString, BUCKETS), "+Inf"], counts):
+                total += c
+                cumulative.append((bound, total))
+            req.add_metric([name], acc[0])
+            lat.add_metric([name], cumulative, sum_value=acc[1])
+        yield req
+        yield lat
+
+
 class Metrics:
     """The node's Prometheus registry (one per service: tests run several in a process); the RPC server's observer
     (``rpc.server.Observer``).
@@ -208,9 +241,8 @@ class Metrics:
 
     def __init__(self, service, methods: MethodTable, sync=None):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = Counter("edgerec_requests", "requests received", ["method"], registry=self.registry)
-        self.latency = Histogram("edgerec_request_duration_seconds", "handler time per request (s)", ["method"],
-                                 buckets=BUCKETS, registry=self.registry)
+        self.requests = _RequestCollector()
+        self.registry.register(self.requests)
         self.errors = Counter("edgerec_errors", "error replies by msgpack-rpc code", ["code"],
                               registry=self.registry)
         self.auth_failures = Counter("edgerec_auth_failures", "auth calls with a token not valid here (or none)",
@@ -221,7 +253,6 @@ class Metrics:
         self.registry.register(_ServiceCollector(service, sync))
         self._service, self._sync = service, sync
         self._known = methods   # live: methods added later count too
-        self._children: dict[str, tuple] = {}   # method -> (its requests counter, its latency histogram)
         # the status page's last minutes (ops/status.py), with the cache counters at each bucket's start
         self.ring = RequestRing(marks=lambda: (service.cache.hits, service.cache.misses))
         self.http = None
@@ -233,18 +264,16 @@ class Metrics:
         for name in self._known:
             self._series(name)
 
-    def _series(self, name: str) -> tuple:
-        kids = self._children.get(name)
-        if kids is None:
-            kids = self._children[name] = (self.requests.labels(name), self.latency.labels(name))
-        return kids
+    def _series(self, name: str) -> list:
+        return self.requests.series(name)
 
     def observe(self, method, seconds: float, code: int | None) -> None:
         # unknown method names are folded into one label value: a client cannot grow the label set
         name = method if isinstance(method, str) and method in self._known else "other"
-        kids = self._children.get(name) or self._series(name)
-        kids[0].inc()
-        kids[1].observe(seconds)
+        acc = self.requests.by_method.get(name) or self._series(name)
+        acc[0] += 1
+        acc[1] += seconds
+        acc[2 + _bisect_left(BUCKETS, seconds)] += 1   # the first bucket whose upper bound (le) holds it
         self.ring.add(name, seconds, code)
         if code is not None:
             self.errors.labels(str(code)).inc()

@@ -294,6 +294,9 @@ class RpcConnection(asyncio.Protocol):
             self._early.append(data)
             return
         self._touch()
+        fast = self.methods.frame_path
+        if fast is not None and self.fed == self.frame_start and self._fast_frame(fast, data):
+            return
         self.fed += len(data)
         try:
             self.unpacker.feed(data)
@@ -301,6 +304,38 @@ class RpcConnection(asyncio.Protocol):
             self._fatal(self._too_large())
             return
         self._process()
+
+    def _fast_frame(self, fast: tuple, data: bytes) -> bool:
+        """``data`` (nothing buffered before it) offered to the method table's frame path (``MethodTable.
+        set_frame_path``) when the general path would dispatch it at once: nothing in flight or paused, not
+        draining, within the frame limit, and a role that may call the method. True: it was one whole request,
+        answered (the reply written, the request counted as the general path counts it); False: nothing changed."""
+        method, fn = fast
+        if self.inflight or self.write_paused or self.server.draining or len(data) > self._frame_limit():
+            return False
+        auth = self.server.auth
+        if auth is not None and auth.enforced and not auth.permitted(self.role, method):
+            return False
+        t0 = time.perf_counter()
+        try:
+            reply = fn(data)
+        except Exception as exc:  # noqa: BLE001 - a fault of the fast path: the general path answers this frame
+            self.server.note("frame_path", f"the frame path of {method!r} failed ({exc!r}); the general path answers")
+            return False
+        if reply is None:
+            return False
+        n = len(data)
+        self.fed += n
+        self.frame_start = self.fed
+        self._base += n   # the unpacker never saw these bytes: its offsets start later in the stream
+        self.server.received += 1
+        self.server.active(self)
+        if not self.transport.is_closing():
+            self.transport.write(reply)
+        self.observer.observe(method, time.perf_counter() - t0, None)
+        if self._stall is not None:
+            self._cancel_stall_timer()
+        return True
 
     def _frame_limit(self) -> int:
         """``max_frame_bytes``; before a connection has a role on a server that enforces roles, at most

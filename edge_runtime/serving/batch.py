@@ -22,6 +22,7 @@ batch to a scoring thread even when the model is small enough to score on the lo
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -214,6 +215,8 @@ class Batcher:
         self._turn = 0
         self._last_turn = 0
         self._last_end = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None   # _running_loop: the loop and its thread
+        self._loop_thread = 0
         self.batches = 0       # batches scored (more than one request each), and the requests in them
         self.batched = 0
 
@@ -221,13 +224,29 @@ class Batcher:
         """Count a request in this loop turn; True when requests are arriving together (another came in this turn,
         or the last turn with requests had several and ended less than ``RECENT_S`` ago), so this one should join
         a batch."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         if not self._turn_open:
             self._turn_open = True
             self._turn = 0
-            loop.call_soon(self._close_turn, loop)   # not looked up again there: a getpid() call on Python < 3.12
+            loop.call_soon(self._close_turn, loop)
         self._turn += 1
         return self._turn > 1 or (self._last_turn > 1 and loop.time() - self._last_end < RECENT_S)
+
+    def alone(self) -> bool:
+        """Whether a request arriving now would be scored alone at once: ``concurrent`` would say False and nothing
+        is queued or being scored. Counts nothing (the fast path asks first, then counts it with ``concurrent``)."""
+        if self._turn_open or self.pending or self.in_flight:
+            return False
+        return self._last_turn <= 1 or self._running_loop().time() - self._last_end >= RECENT_S
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, kept while it runs: ``asyncio.get_running_loop`` costs a getpid() system call per call
+        on Python < 3.12, twice per request here (a service serves one loop at a time; tests run several in turn)."""
+        loop = self._loop
+        if loop is None or self._loop_thread != threading.get_ident() or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+        return loop
 
     def _close_turn(self, loop: asyncio.AbstractEventLoop) -> None:
         self._last_turn, self._turn_open = self._turn, False

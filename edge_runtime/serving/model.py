@@ -23,6 +23,7 @@ from .. import const, scoring
 from ..bundle.format import read_arrays
 from ..errors import BundleError
 from ..scoring.quantize import quantize_rows
+from . import fastpath
 from .compose import compose_items
 from .encoder import Encoder, NativeEncoder, load_encoder
 
@@ -132,6 +133,9 @@ class Model:
         batch_exact: one encoder call for several sessions gives each its lone call's vector bit for bit
             (``probe_batch_exact``, at load; the native encoder is by construction): ``encode_many`` then batches.
         call_tokens: the fixed cost of an encoder call, in tokens of window (``probe_batch_exact``).
+        fast: the recommend fast path over this model (``fastpath.build``: plain frames from bytes to reply bytes in
+            one native call), or None; ``fast_concurrent``: it also answers plain frames that arrive together (a
+            batch would save them less scan time than the general path costs, ``fastpath.batch_saving_us``).
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, precision: str = "int8", verify: bool = True,
@@ -187,6 +191,9 @@ class Model:
         self.batch_exact, self.call_tokens = ((True, 1.0) if isinstance(self.encoder, NativeEncoder)
                                               else probe_batch_exact(self))
         self.score_us = score_cost_us(self)
+        self.fast = fastpath.build(self)   # the recommend fast path (fastpath.py), or None
+        self.fast_concurrent = (self.fast is not None and self.score_us <= const.INLINE_SCORE_US
+                                and fastpath.batch_saving_us(self) < const.FAST_OVER_BATCH_US)
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -265,6 +272,7 @@ class Model:
             raise ValueError("with_items: an id appears twice")
         emb, known = self.compose([attrs for _, attrs in items])
         new = copy.copy(self)
+        new.fast, new.fast_concurrent = None, False   # the bundle's rows and ids: added items take the general path
         new.index, new.item_ids, new.added = dict(self.index), list(self.item_ids), dict(self.added)
         rows = np.empty(len(items), dtype=np.int64)
         drops: dict[str, list[int]] = {}
@@ -406,5 +414,6 @@ class Model:
                             for name, vals in test.items()},
                 "has_attributes": self.has_attributes, "added_items": self.num_added,
                 "can_compose": self.attr_emb is not None, "batch_exact": self.batch_exact,
-                "encoder_call_tokens": round(self.call_tokens, 1), "bundle": str(self.path),
+                "encoder_call_tokens": round(self.call_tokens, 1), "fast_path": self.fast is not None,
+                "fast_path_concurrent": bool(self.fast_concurrent), "bundle": str(self.path),
                 "files": sorted(m.get("files", {}))}

@@ -183,6 +183,7 @@ class Service:
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(const.SCORING_THREADS,
                                                                           thread_name_prefix="score")
         self.clock = StageClock()
+        self.fast_served = 0   # recommend requests answered by the frame path (recommend_frame)
         self.batcher = Batcher(lambda jobs: self._score_jobs(jobs), self.executor, scoring_threads,
                                lambda: self._inline(self.model), batch_wait_us, batch_max)
         self.sessions = SessionStore(max_sessions, session_events)
@@ -223,6 +224,7 @@ class Service:
             "health": (self.health, False),
             "model_info": (self.model_info, False),
         })
+        self.methods.set_frame_path("recommend", self.recommend_frame)
 
     async def served_check(self, model: Model) -> None:
         """One request through the served path (parameter checks, a scoring thread, encoder, scan, reply) for the
@@ -404,6 +406,32 @@ class Service:
         self.batcher.add(job, hold=together, on_loop=light)
         return out
 
+    def recommend_frame(self, frame: bytes) -> bytes | None:
+        """The ``recommend`` frame path (``MethodTable.set_frame_path``): a whole request frame's bytes -> its reply's
+        bytes through the model's native fast path (``fastpath.py``: byte for byte the general path's reply), or
+        None (nothing done: the general path answers). Only where the general path would score the request on the
+        event loop: a model with a fast path, scored inline, no stock filter; and either no other request arriving
+        with this one (``Batcher.alone``) or a model on which batching does not pay (``Model.fast_concurrent``)."""
+        model = self.model
+        fast = model.fast if model is not None else None
+        if fast is None or self._stock_bits is not None or not self._inline(model) \
+                or not (model.fast_concurrent or self.batcher.alone()):
+            return None
+        out = fast(frame)
+        if out is None:
+            return None
+        self.batcher.concurrent()   # counted in this loop turn, as the general path counts a request
+        reply, encode_s, scan_s = out
+        self.fast_served += 1
+        clock = self.clock
+        clock.encode_calls += 1
+        clock.encoder_runs += 1
+        clock.encode_s += encode_s
+        clock.scan_calls += 1
+        clock.scan_queries += 1
+        clock.scan_s += scan_s
+        return reply
+
     def _score_jobs(self, jobs: list[Job]) -> list:
         """A batch of requests (on the loop or a scoring thread): ``batch.score_jobs`` with this service's filters
         and stage clock."""
@@ -411,8 +439,10 @@ class Service:
 
     def scoring_stats(self) -> dict:
         """Where ``recommend`` time goes (``stats``): ``StageClock.snapshot`` (mean encoder µs per call, scan µs per
-        query) plus ``batches`` (batches of more than one request scored) and ``batched`` (the requests in them)."""
-        return dict(self.clock.snapshot(), batches=self.batcher.batches, batched=self.batcher.batched)
+        query) plus ``batches`` (batches of more than one request scored), ``batched`` (the requests in them) and
+        ``fast_path`` (requests answered by the frame path, ``recommend_frame``)."""
+        return dict(self.clock.snapshot(), batches=self.batcher.batches, batched=self.batcher.batched,
+                    fast_path=self.fast_served)
 
     def _inline(self, model: Model) -> bool:
         mode = self.score_inline

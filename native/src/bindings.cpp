@@ -9,13 +9,16 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <chrono>
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "dispatch.h"
+#include "frames.h"
 
 namespace py = pybind11;
 using edgerec::Heap;
@@ -324,6 +327,13 @@ class SessionEncoder {
         return run(flat, off);
     }
 
+    // One session's tokens [n] (1 <= n <= max_len, each checked in 1 .. rows - 1 by the caller) -> out [d], as
+    // encode gives it; the caller holds or has released the GIL as it needs (this reads only the weights).
+    void encode_one(const std::int64_t* tokens, std::int64_t n, float* out) const {
+        const std::int64_t off[2] = {0, n};
+        impl_->encode(w_, tokens, off, 1, out);
+    }
+
     std::string level() const { return impl_->name; }
     int dim() const { return w_.d; }
     std::int64_t rows() const { return w_.rows; }
@@ -370,6 +380,205 @@ class SessionEncoder {
     std::vector<py::array> keep_;
 };
 
+// The daemon's fast path for a plain recommend frame (edge_runtime/serving/fastpath.py): the bytes of one
+// MessagePack-RPC request [0, msgid, "recommend", [{history, k, exclude_seen}]] -> the bytes of its reply, with
+// the encoder and the exact scan in between, and no Python object per id or score. It takes only frames whose
+// every part the general path would accept and answer from the model alone: history a non-empty array of at most
+// max_history known item ids (str), k an integer in 1 .. max_k, exclude_seen a bool, no other key, no key twice,
+// k + the exclusions at most max_fetch (a light request), nothing after the frame. For any other frame it returns
+// None and changes nothing, and the caller runs the general path (which gives every error its message). The reply
+// is byte for byte what the general path sends: the same encoder call (encode_one), the same single-threaded
+// scan and sort as topk, the same MessagePack encodings (frames.h). Items: int8 rows with float32 scales (the
+// native encoder serves int8 bundles only).
+class RecommendFrames {
+   public:
+    RecommendFrames(py::object encoder, py::array items, py::object item_scales, py::list item_ids,
+                    const std::string& model_version, int max_len, int max_k, int max_history, int max_fetch,
+                    int max_id_chars, std::int64_t max_msgid)
+        : encoder_obj_(encoder), items_(items), version_(model_version), max_len_(max_len), max_k_(max_k),
+          max_history_(max_history), max_fetch_(max_fetch), max_msgid_(max_msgid) {
+        enc_ = &encoder.cast<const SessionEncoder&>();
+        check_array<std::int8_t>(items, "items", 2);   // the native encoder serves int8 bundles only
+        n_ = items.shape(0);
+        d_ = static_cast<int>(items.shape(1));
+        require(n_ >= 1 && d_ == enc_->dim(), "items must be [N >= 1, d] with the encoder's d");
+        require(enc_->rows() >= n_ + 1, "the encoder's table must hold a row per item (row r is token r + 1)");
+        require(max_len >= 1 && max_len <= enc_->max_len(), "max_len must be 1 to the encoder's window");
+        require(static_cast<std::int64_t>(py::len(item_ids)) == n_, "item_ids must hold one id per item row");
+        require(n_ < (std::int64_t{1} << 31), "at most 2^31 - 1 items");
+        require(!item_scales.is_none(), "int8 items need item_scales (float32 [N])");
+        scales_ = py::cast<py::array>(item_scales);
+        check_array<float>(scales_, "item_scales", 1);
+        require(scales_.shape(0) == n_, "item_scales must have one scale per item row");
+        // The ids are views of the Python strings' UTF-8 (kept alive by ids_obj_, a tuple of them): no copy.
+        ids_obj_ = py::tuple(item_ids);
+        ids_.reserve(static_cast<std::size_t>(n_));
+        for (py::handle h : ids_obj_) {
+            require(PyUnicode_Check(h.ptr()), "item_ids must be strings");
+            Py_ssize_t size = 0;
+            const char* u = PyUnicode_AsUTF8AndSize(h.ptr(), &size);
+            if (u == nullptr) throw py::error_already_set();
+            ids_.emplace_back(u, static_cast<std::size_t>(size));
+        }
+        // open addressing, linear probing, at most half full: a row per slot (-1: empty)
+        std::size_t cap = 16;
+        while (cap < 2 * static_cast<std::size_t>(n_)) cap *= 2;
+        slots_.assign(cap, -1);
+        for (std::int64_t r = 0; r < n_; ++r) {
+            const std::string_view s = ids_[static_cast<std::size_t>(r)];
+            std::int64_t chars = 0;   // code points, as Python's len(): UTF-8 bytes that are not continuations
+            for (unsigned char c : s) chars += (c & 0xc0) != 0x80;
+            if (chars < 1 || chars > max_id_chars) continue;   // not an id as_id accepts: never looked up
+            std::size_t i = slot_of(s);
+            while (slots_[i] >= 0 && ids_[static_cast<std::size_t>(slots_[i])] != s) i = (i + 1) & (cap - 1);
+            slots_[i] = static_cast<std::int32_t>(r);   // an id twice: the last row, as the Python index
+        }
+    }
+
+    RecommendFrames(const RecommendFrames&) = delete;
+    RecommendFrames& operator=(const RecommendFrames&) = delete;
+
+    // frame: one whole request frame -> (reply bytes, encoder s, scan s), or None (take the general path).
+    py::object call(py::bytes frame) const {
+        char* buf = nullptr;
+        py::ssize_t len = 0;
+        PYBIND11_BYTES_AS_STRING_AND_SIZE(frame.ptr(), &buf, &len);
+        std::int64_t msgid = 0, k = 10;
+        bool exclude_seen = true;
+        std::vector<std::int64_t> rows;
+        if (!parse(reinterpret_cast<const std::uint8_t*>(buf), static_cast<std::size_t>(len), msgid, k,
+                   exclude_seen, rows))
+            return py::none();
+        const std::int64_t excl_n = exclude_seen ? static_cast<std::int64_t>(rows.size()) : 0;
+        if (k + excl_n > max_fetch_) return py::none();   // heavy: the general path sends it to a thread
+        const std::size_t w = std::min<std::size_t>(rows.size(), static_cast<std::size_t>(max_len_));
+        std::vector<std::int64_t> tokens(rows.end() - static_cast<std::ptrdiff_t>(w), rows.end());
+        for (auto& t : tokens) t += 1;   // row r is the encoder's token r + 1 (0 pads)
+        std::vector<std::int64_t> excl;
+        if (exclude_seen) {
+            excl = rows;
+            std::sort(excl.begin(), excl.end());
+            excl.erase(std::unique(excl.begin(), excl.end()), excl.end());
+        }
+        const int kk = static_cast<int>(std::min<std::int64_t>(k, n_));
+        std::vector<float> u(static_cast<std::size_t>(d_));
+        Heap h(kk);
+        ScanArgs a;
+        a.prefetch_f32 = edgerec::software_prefetch();
+        a.mode = Mode::I8_F32Q;   // int8 rows, the float32 user vector: topk's path for these arguments
+        a.n = n_;
+        a.d = d_;
+        a.nq = 1;
+        a.items = items_.data();
+        a.scales = static_cast<const float*>(scales_.data());
+        a.queries = u.data();
+        a.filters.exclude = excl.empty() ? nullptr : excl.data();
+        a.filters.n_exclude = static_cast<std::int64_t>(excl.size());
+        double enc_s, scan_s;
+        {
+            py::gil_scoped_release nogil;
+            const auto t0 = std::chrono::steady_clock::now();
+            enc_->encode_one(tokens.data(), static_cast<std::int64_t>(tokens.size()), u.data());
+            const auto t1 = std::chrono::steady_clock::now();
+            edgerec::active().scan(a, 0, a.n, &h);
+            const auto t2 = std::chrono::steady_clock::now();
+            enc_s = std::chrono::duration<double>(t1 - t0).count();
+            scan_s = std::chrono::duration<double>(t2 - t1).count();
+        }
+        std::vector<int> order(h.size);
+        std::iota(order.begin(), order.end(), 0);
+        std::sort(order.begin(), order.end(), [&](int x, int y) {
+            return Heap::worse(h.score[y], h.index[y], h.score[x], h.index[x]);
+        });
+        edgerec::frames::Writer wr;
+        wr.out.reserve(64 + order.size() * 24 + version_.size());
+        wr.array(4);
+        wr.uint(1);   // RESPONSE
+        wr.uint(static_cast<std::uint64_t>(msgid));
+        wr.nil();
+        wr.map(5);
+        wr.str("items");
+        wr.array(order.size());
+        for (int j : order) wr.str(ids_[static_cast<std::size_t>(h.index[j])]);
+        wr.str("scores");
+        wr.array(order.size());
+        for (int j : order) wr.float64(static_cast<double>(h.score[j]));
+        wr.str("model_version");
+        wr.str(version_);
+        wr.str("ignored");
+        wr.array(0);
+        wr.str("source");
+        wr.str("model");
+        return py::make_tuple(py::bytes(wr.out), enc_s, scan_s);
+    }
+
+   private:
+    bool parse(const std::uint8_t* p, std::size_t len, std::int64_t& msgid, std::int64_t& k, bool& exclude_seen,
+               std::vector<std::int64_t>& rows) const {
+        edgerec::frames::Reader r{p, p + len};
+        std::uint32_t n = 0;
+        std::int64_t kind = -1;
+        std::string_view s;
+        if (!r.array(n) || n != 4 || !r.integer(kind) || kind != 0) return false;
+        if (!r.integer(msgid) || msgid < 0 || msgid > max_msgid_) return false;
+        if (!r.str(s) || s != "recommend") return false;
+        if (r.need(1) && (*r.p & 0xf0) == 0x90) {   // [params]: exactly one map
+            if (!r.array(n) || n != 1) return false;
+        }
+        if (!r.map(n)) return false;
+        bool seen_history = false, seen_k = false, seen_excl = false;
+        for (std::uint32_t i = 0; i < n; ++i) {
+            if (!r.str(s)) return false;
+            if (s == "history" && !seen_history) {
+                seen_history = true;
+                std::uint32_t h = 0;
+                if (!r.array(h) || h == 0 || h > static_cast<std::uint32_t>(max_history_)) return false;
+                rows.reserve(h);
+                for (std::uint32_t j = 0; j < h; ++j) {
+                    if (!r.str(s)) return false;
+                    const std::int64_t row = find(s);
+                    if (row < 0) return false;   // unknown (an ignored id), or not an id as_id takes
+                    rows.push_back(row);
+                }
+            } else if (s == "k" && !seen_k) {
+                seen_k = true;
+                if (!r.integer(k) || k < 1 || k > max_k_) return false;
+            } else if (s == "exclude_seen" && !seen_excl) {
+                seen_excl = true;
+                if (!r.boolean(exclude_seen)) return false;
+            } else {
+                return false;   // another key (user, filters, ...), or one given twice
+            }
+        }
+        return seen_history && r.p == r.end;
+    }
+
+    std::size_t slot_of(std::string_view s) const {
+        std::uint64_t h = 1469598103934665603ULL;   // FNV-1a, 64-bit
+        for (unsigned char c : s) h = (h ^ c) * 1099511628211ULL;
+        return static_cast<std::size_t>(h ^ (h >> 29)) & (slots_.size() - 1);
+    }
+    std::int64_t find(std::string_view s) const {
+        for (std::size_t i = slot_of(s);; i = (i + 1) & (slots_.size() - 1)) {
+            const std::int32_t r = slots_[i];
+            if (r < 0) return -1;
+            if (ids_[static_cast<std::size_t>(r)] == s) return r;
+        }
+    }
+
+    py::object encoder_obj_;   // keeps the encoder (and its weights) alive
+    const SessionEncoder* enc_ = nullptr;
+    py::array items_, scales_;   // int8 [N, d], float32 [N]
+    std::int64_t n_ = 0;
+    int d_ = 0;
+    py::tuple ids_obj_;
+    std::vector<std::string_view> ids_;   // row -> id (UTF-8 of ids_obj_'s strings)
+    std::vector<std::int32_t> slots_;     // id -> row: the open-addressing table of find
+    std::string version_;
+    int max_len_, max_k_, max_history_, max_fetch_;
+    std::int64_t max_msgid_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -411,4 +620,13 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("dim", &SessionEncoder::dim)
         .def_property_readonly("rows", &SessionEncoder::rows)
         .def_property_readonly("max_len", &SessionEncoder::max_len);
+    py::class_<RecommendFrames>(m, "RecommendFrames",
+                                "The recommend fast path: one request frame's bytes -> (reply bytes, encoder s, scan "
+                                "s), or None for the general path; see edge_runtime.serving.fastpath.")
+        .def(py::init<py::object, py::array, py::object, py::list, const std::string&, int, int, int, int, int,
+                      std::int64_t>(),
+             py::arg("encoder"), py::arg("items"), py::arg("item_scales"), py::arg("item_ids"),
+             py::arg("model_version"), py::arg("max_len"), py::arg("max_k"), py::arg("max_history"),
+             py::arg("max_fetch"), py::arg("max_id_chars"), py::arg("max_msgid"))
+        .def("__call__", &RecommendFrames::call, py::arg("frame"));
 }

@@ -322,6 +322,42 @@ def test_journald_lines_under_systemd(tmp_path, tiny_bundle):
     assert lines and all(line.startswith(("<6>INFO ", "<4>WARNING ")) for line in lines), lines[:3]
 
 
+def test_request_families_render_as_prometheus_client_would():
+    """The request counter and latency histogram are plain counters rendered at scrape (``_RequestCollector``): the
+    exposition of the same observations is line for line that of prometheus_client's own Counter and Histogram
+    (bucket edges included: a value on an edge counts in that bucket), less their ``_created`` series."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from edge_runtime import const
+    from edge_runtime.ops.metrics import Metrics
+    from edge_runtime.rpc.methods import MethodTable
+    from edge_runtime.serving.service import Service
+
+    service = Service(None)
+    try:
+        ours = Metrics(service, MethodTable({"recommend": (None, False), "track": (None, False)}))
+        reg = CollectorRegistry()
+        c = Counter("edgerec_requests", "requests received", ["method"], registry=reg)
+        h = Histogram("edgerec_request_duration_seconds", "handler time per request (s)", ["method"],
+                      buckets=const.LATENCY_BUCKETS, registry=reg)
+        values = [5e-5, 1e-4, 1.0001e-4, 3e-4, 0.0101, 2.5, 2.51, 40.0]
+        for i, v in enumerate(values):
+            m = ("recommend", "track", "no-such-method")[i % 3]
+            ours.observe(m, v, None)
+            label = m if m != "no-such-method" else "other"
+            c.labels(label).inc()
+            h.labels(label).observe(v)
+
+        def lines(registry, fams):
+            return sorted(ln for ln in generate_latest(registry).decode().splitlines()
+                          if ln.startswith(fams) and "_created" not in ln)
+        fams = ("edgerec_requests_total", "edgerec_request_duration_seconds")
+        assert lines(ours.registry, fams) == lines(reg, fams)
+        assert len(lines(reg, fams)) == 3 * (1 + len(const.LATENCY_BUCKETS) + 1 + 2)
+    finally:
+        service.executor.shutdown(wait=True)
+
+
 # ------------------------------------------------------------------------------------------------ the unit file
 def test_unit_file_verifies():
     tool = shutil.which("systemd-analyze")
