@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from edge_runtime import const
 from edge_runtime.client import Client
 from edge_runtime.rpc.server import RpcConnection, RpcServer
-from edge_runtime.serving import batch
+from edge_runtime.serving import batch, fastpath
 from edge_runtime.serving.model import Model
 from served import serve
 
@@ -298,6 +298,67 @@ def test_frames_arriving_together(model, service, concurrent):
         model.fast_concurrent = saved
     assert together == alone
     assert (fast, batches) == ((4, 0) if concurrent else (1, 1))
+
+
+def test_non_ascii_and_repeated_ids(tiny_bundle):
+    """Ids beyond ASCII (2-, 3- and 4-byte UTF-8, so 256 characters are more than 256 bytes) and an id given to two
+    rows (the index keeps the last, as the Python one does): the fast path's replies are still the general
+    path's bytes, and an id of 257 characters is declined."""
+    import copy
+
+    base = Model(tiny_bundle)
+    m = copy.copy(base)
+    m.item_ids = list(base.item_ids)
+    m.item_ids[1], m.item_ids[2], m.item_ids[3] = "café", "日本-商品", "😀" * 256
+    m.item_ids[4] = "\u00e9" * 257
+    m.item_ids[6] = m.item_ids[5]   # one id, two rows
+    m.index = {item: row for row, item in enumerate(m.item_ids)}
+    m.fast = fastpath.build(m)
+    svc = serve(m, "always")
+    ids = m.item_ids
+    frames = [frame({"history": h, "k": 10}, msgid=i) for i, h in enumerate(
+        [[ids[1]], [ids[2], ids[1]], [ids[3]], [ids[5], ids[2]], [ids[0], ids[3], ids[3]]])]
+    try:
+        async def go():
+            await asyncio.sleep(2 * batch.RECENT_S)
+            general = [await replies(svc, [f], fast=False) for f in frames]
+            before = svc.fast_served
+            fast = [await replies(svc, [f], fast=True) for f in frames]
+            return general, fast, svc.fast_served - before
+        general, fast, served = asyncio.run(go())
+        assert served == len(frames) and fast == general
+        assert m.fast(frame({"history": [ids[4]]})) is None   # 257 characters: not an id as_id takes
+        hist = [msgpack.unpackb(g[0])[3] for g in general]
+        assert all(r["source"] == "model" and r["ignored"] == [] for r in hist)
+    finally:
+        svc.executor.shutdown(wait=True)
+
+
+def test_roles_enforced(model, service):
+    """On a server that enforces roles, the fast path answers only a connection whose role may call recommend
+    (shop): an anonymous one and an ops one get the general path's NotPermitted, byte for byte."""
+    from edge_runtime.rpc.auth import Authenticator
+
+    shop, ops = "s" * 40, "o" * 40
+    f = frame({"history": [model.item_ids[1]], "k": 3}, msgid=5)
+    auth_frame = lambda token: frame({"token": token}, msgid=1, method="auth")  # noqa: E731
+
+    async def go():
+        out = {}
+        for who, chunks in (("anonymous", [f]), ("ops", [auth_frame(ops), f]), ("shop", [auth_frame(shop), f])):
+            got = []
+            for fast in (True, False):
+                server = RpcServer(service.methods, auth=Authenticator({"shop": [shop], "ops": [ops]}))
+                before = service.fast_served
+                got.append((await replies(service, chunks, fast=fast, server=server), service.fast_served - before))
+            out[who] = got
+        return out
+    out = asyncio.run(go())
+    for who, ((with_fast, n_fast), (without, n_without)) in out.items():
+        assert with_fast == without and n_without == 0, who
+        assert n_fast == (1 if who == "shop" else 0), who
+        last = msgpack.unpackb(with_fast[-1])
+        assert (last[2] is None) if who == "shop" else (last[2]["name"] == "NotPermitted"), (who, last)
 
 
 def test_model_info_says_so(model, service):
