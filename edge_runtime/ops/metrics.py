@@ -1,8 +1,9 @@
 """Prometheus metrics (the ``prometheus_client`` library; text exposition format 0.0.4) and the ``stats`` RPC.
 
 Request counts and latency histograms are updated on the request path (plain counters, ``_RequestCollector``: a dict
-lookup, a bisect and three adds; the status page's ring of the last minutes, ``ops/status.py``, a few more); everything else is read from the service when scraped
-(``_ServiceCollector``), so an idle daemon does no metrics work. The same HTTP server answers ``/`` (the status
+lookup, a bisect and three adds; the status page's ring of the last minutes, ``ops/status.py``, a few more);
+everything else is read from the service when scraped (``_ServiceCollector``), so an idle daemon does no metrics
+work. The same HTTP server answers ``/`` (the status
 page) and ``/status.json`` (``Metrics.serve_http``). Families:
 
 ==========================================  =====================================================================

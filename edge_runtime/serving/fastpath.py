@@ -70,7 +70,7 @@ def build(model: "Model"):
     float, scan_s: float) | None``), or None when it cannot have one or would not use it: the ONNX Runtime encoder,
     no native kernel, the switch off, items added at the node (their rows are not the encoder's), or a model scored
     on the scoring threads (``Model.score_us`` above ``const.INLINE_SCORE_US``, unless ``EDGEREC_SCORE_INLINE=
-    always``), where the fast path is never taken and its index (about 24 bytes per item) would be memory for
+    always``), where the fast path is never taken and its index (32-40 bytes per item) would be memory for
     nothing."""
     native = scoring.native_kernel()
     if native is None or not isinstance(model.encoder, NativeEncoder) or model.num_added or not enabled():
