@@ -51,6 +51,13 @@ def env_flag(name: str, env: dict | None = None) -> bool:
     return (env_value(name, env) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def score_inline_mode(env: dict | None = None) -> str:
+    """``EDGEREC_SCORE_INLINE``: ``always`` / ``never`` (score every request on the event loop / on a scoring
+    thread), else ``auto`` (by the model's measured scoring cost)."""
+    mode = (env_value("SCORE_INLINE", env) or "auto").strip().lower()
+    return mode if mode in ("auto", "always", "never") else "auto"
+
+
 @dataclasses.dataclass(frozen=True)
 class Key:
     section: str

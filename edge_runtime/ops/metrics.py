@@ -3,8 +3,7 @@
 Request counts and latency histograms are updated on the request path (plain counters, ``_RequestCollector``: a dict
 lookup, a bisect and three adds; the status page's ring of the last minutes, ``ops/status.py``, a few more);
 everything else is read from the service when scraped (``_ServiceCollector``), so an idle daemon does no metrics
-work. The same HTTP server answers ``/`` (the status
-page) and ``/status.json`` (``Metrics.serve_http``). Families:
+work. The same HTTP server answers ``/`` (the status page) and ``/status.json`` (``Metrics.serve_http``). Families:
 
 ==========================================  =====================================================================
 ``edgerec_requests_total{method}``           requests received, by method
@@ -263,15 +262,12 @@ class Metrics:
         the first request of a method then does not pay for creating them (measured ~60 µs), and a scrape shows
         them before any traffic."""
         for name in self._known:
-            self._series(name)
-
-    def _series(self, name: str) -> list:
-        return self.requests.series(name)
+            self.requests.series(name)
 
     def observe(self, method, seconds: float, code: int | None) -> None:
         # unknown method names are folded into one label value: a client cannot grow the label set
         name = method if isinstance(method, str) and method in self._known else "other"
-        acc = self.requests.by_method.get(name) or self._series(name)
+        acc = self.requests.by_method.get(name) or self.requests.series(name)
         acc[0] += 1
         acc[1] += seconds
         acc[2 + _bisect_left(BUCKETS, seconds)] += 1   # the first bucket whose upper bound (le) holds it

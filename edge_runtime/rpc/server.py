@@ -333,8 +333,6 @@ class RpcConnection(asyncio.Protocol):
         if not self.transport.is_closing():
             self.transport.write(reply)
         self.observer.observe(method, time.perf_counter() - t0, None)
-        if self._stall is not None:
-            self._cancel_stall_timer()
         return True
 
     def _frame_limit(self) -> int:

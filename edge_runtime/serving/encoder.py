@@ -174,6 +174,11 @@ class NativeEncoder:
         self.provider = f"native-{self.level}"
         self.providers_requested: tuple[str, ...] = ()
 
+    @property
+    def session_encoder(self):
+        """The ``_native.SessionEncoder`` itself (the recommend fast path, ``fastpath.py``, calls it from C++)."""
+        return self._enc
+
     def __call__(self, item_seq: np.ndarray) -> np.ndarray:
         """``item_seq`` int64 [B, W] (1 <= W <= max_len, left-padded with 0) -> float32 [B, d].
 

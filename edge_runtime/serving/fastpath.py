@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import const, scoring
-from ..config import env_value
+from ..config import env_value, score_inline_mode
 from .encoder import NativeEncoder
 
 if TYPE_CHECKING:
@@ -75,12 +75,12 @@ def build(model: "Model"):
     native = scoring.native_kernel()
     if native is None or not isinstance(model.encoder, NativeEncoder) or model.num_added or not enabled():
         return None
-    inline = (env_value("SCORE_INLINE") or "auto").strip().lower()
-    if inline == "never" or (inline != "always" and model.score_us > const.INLINE_SCORE_US):
+    inline = score_inline_mode()
+    if inline == "never" or (inline == "auto" and model.score_us > const.INLINE_SCORE_US):
         return None
     try:
-        return native.RecommendFrames(model.encoder._enc, model.items, model.scales, model.item_ids, model.version,
-                                      model.max_len, const.MAX_K, const.MAX_HISTORY_IDS, const.BATCH_MAX_FETCH,
+        return native.RecommendFrames(model.encoder.session_encoder, model.items, model.scales, model.item_ids,
+                                      model.version, model.max_len, const.MAX_K, const.MAX_HISTORY_IDS, const.BATCH_MAX_FETCH,
                                       const.MAX_ID_CHARS, const.MAX_MSGID)
     except (ValueError, TypeError, RuntimeError, UnicodeError) as exc:   # a model it does not take: general path
         log.warning("model %s: no recommend fast path (%s)", model.version, exc)

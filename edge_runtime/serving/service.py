@@ -48,7 +48,7 @@ import msgpack
 import numpy as np
 
 from .. import const, scoring
-from ..config import env_value
+from ..config import score_inline_mode
 from ..events.statefile import write_atomic
 from ..errors import EdgeRuntimeError, InvalidParams, ModelNotLoadedError, SwapError
 from ..events.analytics import Analytics
@@ -178,8 +178,7 @@ class Service:
         self.events = events
         self.key = pseudonym or (lambda user: user)
         self.analytics = Analytics(EVENTS)
-        mode = (env_value("SCORE_INLINE") or "auto").strip().lower()
-        self.score_inline = mode if mode in ("auto", "always", "never") else "auto"
+        self.score_inline = score_inline_mode()
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(const.SCORING_THREADS,
                                                                           thread_name_prefix="score")
         self.clock = StageClock()

@@ -72,20 +72,15 @@ struct Reader {
         p += n;
         return true;
     }
-    bool array(std::uint32_t& n) {
+    bool array(std::uint32_t& n) { return header(0x90, 0xdc, n); }
+    bool map(std::uint32_t& n) { return header(0x80, 0xde, n); }
+    // A container header: fix (the fixarray / fixmap tag, 4-bit size) or c16 / c16 + 1 (16- / 32-bit size) -> n.
+    bool header(std::uint8_t fix, std::uint8_t c16, std::uint32_t& n) {
         if (!need(1)) return false;
         const std::uint8_t t = *p;
-        if ((t & 0xf0) == 0x90) { n = t & 0x0f; ++p; return true; }
-        if (t == 0xdc && need(3)) { ++p; n = static_cast<std::uint32_t>(be(2)); return true; }
-        if (t == 0xdd && need(5)) { ++p; n = static_cast<std::uint32_t>(be(4)); return true; }
-        return false;
-    }
-    bool map(std::uint32_t& n) {
-        if (!need(1)) return false;
-        const std::uint8_t t = *p;
-        if ((t & 0xf0) == 0x80) { n = t & 0x0f; ++p; return true; }
-        if (t == 0xde && need(3)) { ++p; n = static_cast<std::uint32_t>(be(2)); return true; }
-        if (t == 0xdf && need(5)) { ++p; n = static_cast<std::uint32_t>(be(4)); return true; }
+        if ((t & 0xf0) == fix) { n = t & 0x0f; ++p; return true; }
+        if (t == c16 && need(3)) { ++p; n = static_cast<std::uint32_t>(be(2)); return true; }
+        if (t == c16 + 1 && need(5)) { ++p; n = static_cast<std::uint32_t>(be(4)); return true; }
         return false;
     }
     bool boolean(bool& b) {
@@ -121,15 +116,12 @@ struct Writer {
         else { byte(0xdb); be(n, 4); }
         out.append(s.data(), n);
     }
-    void array(std::size_t n) {
-        if (n < 16) byte(static_cast<std::uint8_t>(0x90 | n));
-        else if (n <= 0xffff) { byte(0xdc); be(n, 2); }
-        else { byte(0xdd); be(n, 4); }
-    }
-    void map(std::size_t n) {
-        if (n < 16) byte(static_cast<std::uint8_t>(0x80 | n));
-        else if (n <= 0xffff) { byte(0xde); be(n, 2); }
-        else { byte(0xdf); be(n, 4); }
+    void array(std::size_t n) { header(0x90, 0xdc, n); }
+    void map(std::size_t n) { header(0x80, 0xde, n); }
+    void header(std::uint8_t fix, std::uint8_t c16, std::size_t n) {   // as Reader::header
+        if (n < 16) byte(static_cast<std::uint8_t>(fix | n));
+        else if (n <= 0xffff) { byte(c16); be(n, 2); }
+        else { byte(static_cast<std::uint8_t>(c16 + 1)); be(n, 4); }
     }
     void float64(double x) {
         std::uint64_t bits;
