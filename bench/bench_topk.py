@@ -305,9 +305,9 @@ def main(argv=None) -> int:
     bw2 = bandwidth_gbs(2)
     cpu = cpu_model()
     from edge_runtime.scoring import _native
-    prefetch_on, prefetch_why = _native.software_prefetch()
+    plan = _native.scan_plan()
     meta = {"machine": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(), "simd_level": level,
-            "f32_software_prefetch": prefetch_on, "f32_software_prefetch_why": prefetch_why,
+            "scan_plan": plan,
             "simd_note": scoring.simd_note(), "implementation": scoring.IMPLEMENTATION, "faiss_simd": faiss_level,
             "read_bandwidth_GBps": bw, "read_bandwidth_2threads_GBps": bw2, "python": platform.python_version(),
             "grid": grid}
@@ -318,7 +318,9 @@ def main(argv=None) -> int:
           + f"; FAISS at {faiss_level} (--faiss-simd {args.faiss_simd})")
     print(f"edgerec {scoring.IMPLEMENTATION}; read bandwidth {bw:.1f} GB/s with 1 thread, "
           f"{bw2:.1f} GB/s with 2 ({bw2 / bw:.2f}x: the most 2 threads can gain on a memory-bound scan); "
-          f"float32-row software prefetch {'on' if prefetch_on else 'off'} ({prefetch_why})")
+          f"scan plan: software prefetch {'on' if plan['prefetch_f32'] else 'off'} (float32) / "
+          f"{'on' if plan['prefetch_i8'] else 'off'} (int8), {plan['streams']} streams side by side "
+          f"({plan['row_streams']} for float-query rows): {plan['why']}")
     rows = []
     header = f"{'case':<46}{'edgerec ms':>11}{'numpy':>9}{'faiss':>9}{'usearch':>9}{'x faiss':>9}{'of BW':>7}"
     print(header)

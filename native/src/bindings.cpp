@@ -58,7 +58,7 @@ py::tuple run_topk(py::array queries, py::array items, std::int64_t n_packed, in
                    int num_threads, bool packed, bool per_query = false, py::object exclude_offsets = py::none()) {
     ScanArgs a;
     a.per_query = per_query;
-    a.prefetch_f32 = edgerec::software_prefetch();
+    edgerec::scan_plan().apply(a);
     const bool int8_items = packed || items.dtype().is(py::dtype::of<std::int8_t>());
     const bool int8_queries = queries.dtype().is(py::dtype::of<std::int8_t>());
     if (!packed) {
@@ -464,7 +464,7 @@ class RecommendFrames {
         std::vector<float> u(static_cast<std::size_t>(d_));
         Heap h(kk);
         ScanArgs a;
-        a.prefetch_f32 = edgerec::software_prefetch();
+        edgerec::scan_plan().apply(a);
         a.mode = Mode::I8_F32Q;   // int8 rows, the float32 user vector: topk's path for these arguments
         a.n = n_;
         a.d = d_;
@@ -585,9 +585,17 @@ PYBIND11_MODULE(_native, m) {
     m.doc() = "edgerec native exact top-k (MIPS) kernel with runtime SIMD dispatch";
     m.def("simd_level", [] { return std::string(edgerec::active().name); },
           "Name of the SIMD level in use: avx512_vnni, avx512, avx2, neon_dotprod, neon or scalar.");
-    m.def("software_prefetch", [] { std::string why; const bool on = edgerec::software_prefetch(&why);
-              return py::make_tuple(on, why); },
-          "(on, why): whether the x86 float32-row scan issues software prefetches (EDGEREC_PREFETCH=1 / 0 forces it).");
+    m.def("scan_plan", [] { const edgerec::ScanPlan& p = edgerec::scan_plan();
+              py::dict out;
+              out["prefetch_f32"] = p.prefetch_f32;
+              out["prefetch_i8"] = p.prefetch_i8;
+              out["streams"] = p.streams;
+              out["row_streams"] = p.row_streams;
+              out["why"] = p.why;
+              return out; },
+          "How the scans read memory, chosen once per CPU: {prefetch_f32, prefetch_i8 (software prefetch of float32 "
+          "/ int8 items), streams (side-by-side read streams, 1-4), why}. EDGEREC_PREFETCH=0 / 1 and "
+          "EDGEREC_SCAN_STREAMS=1..4 force them.");
     m.def("simd_note", [] { std::string n; edgerec::active(&n); return n; },
           "Why an EDGEREC_SIMD request was not honoured ('' if it was, or none was made).");
     m.def("available_levels", &edgerec::available_levels, "Levels this build has and this CPU/OS supports.");

@@ -133,26 +133,51 @@ std::vector<std::string> available_levels() {
     return out;
 }
 
-bool software_prefetch(std::string* why) {
-    static std::string reason;
-    static const bool on = [] {
-        const char* forced = std::getenv("EDGEREC_PREFETCH");
-        if (forced && (std::strcmp(forced, "0") == 0 || std::strcmp(forced, "1") == 0)) {
-            reason = std::string("forced by EDGEREC_PREFETCH=") + forced;
-            return forced[0] == '1';
-        }
+namespace {
+// The environment variable as an integer in [lo, hi], or -1 when unset, not an integer, or out of range.
+int env_int(const char* name, int lo, int hi) {
+    const char* v = std::getenv(name);
+    if (!v || !*v) return -1;
+    char* stop = nullptr;
+    const long x = std::strtol(v, &stop, 10);
+    return (*stop == '\0' && x >= lo && x <= hi) ? static_cast<int>(x) : -1;
+}
+}  // namespace
+
+const ScanPlan& scan_plan() {
+    static const ScanPlan plan = [] {
+        ScanPlan p;
 #if defined(__x86_64__) || defined(_M_X64)
         __builtin_cpu_init();
-        const bool intel = __builtin_cpu_is("intel");
-        reason = intel ? "an Intel CPU" : "not an Intel CPU: the hardware prefetchers alone are faster there";
-        return intel;
+        const bool intel = __builtin_cpu_is("intel"), avx512 = __builtin_cpu_supports("avx512f");
+        if (intel) {
+            p.prefetch_f32 = p.prefetch_i8 = true;
+            p.why = "an Intel CPU: software prefetch, one stream";
+        } else if (avx512) {
+            p.prefetch_i8 = true;
+            p.why = "a non-Intel CPU with AVX-512: software prefetch of int8 items only, one stream";
+        } else {
+            p.streams = 4;
+            p.row_streams = 8;
+            p.why = "a non-Intel CPU without AVX-512: hardware prefetch only, 4 streams (8 for float-query rows)";
+        }
 #else
-        reason = "not an x86 CPU: the scans issue none";
-        return false;
+        p.streams = 1;
+        p.why = "not an x86 CPU: no software prefetch, one stream";
 #endif
+        const int pf = env_int("EDGEREC_PREFETCH", 0, 1), st = env_int("EDGEREC_SCAN_STREAMS", 1, kMaxStreams);
+        if (pf >= 0) { p.prefetch_f32 = p.prefetch_i8 = pf == 1; p.why += "; EDGEREC_PREFETCH=" + std::to_string(pf); }
+        if (st >= 0) { p.streams = p.row_streams = st; p.why += "; EDGEREC_SCAN_STREAMS=" + std::to_string(st); }
+        return p;
     }();
-    if (why) *why = reason;
-    return on;
+    return plan;
+}
+
+void ScanPlan::apply(ScanArgs& a) const {
+    a.prefetch_f32 = prefetch_f32;
+    a.prefetch_i8 = prefetch_i8;
+    a.streams = streams;
+    a.row_streams = row_streams;
 }
 
 const Impl* find_impl(const std::string& name) {

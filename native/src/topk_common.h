@@ -14,6 +14,8 @@ enum class Mode : int { F32 = 0, I8_F32Q = 1, I8_I8Q = 2, I8P_I8Q = 3 };
 // bytes (64 bytes). d is padded to a multiple of 4 and n to a multiple of 16 with zeros. One VNNI dpbusd of a tile
 // group against the broadcast 4 query bytes scores 16 rows at once, with no horizontal sums.
 constexpr int kTileRows = 16;
+// Most side-by-side read streams a scan uses (ScanArgs::streams; topk_kernel-inl.h for_rounds).
+constexpr int kMaxStreams = 8;
 inline std::int64_t packed_groups(int d) { return (d + 3) / 4; }
 inline std::int64_t packed_tile_bytes(int d) { return packed_groups(d) * 64; }
 
@@ -62,9 +64,14 @@ struct ScanArgs {
     // uses filters. The daemon's shared scan of a batch, where each shopper excludes what they have seen.
     const Filters* query_filters = nullptr;
     const Filters& filters_of(int q) const { return query_filters ? query_filters[q] : filters; }
-    // Software prefetch ahead of the x86 float32-row scan (dispatch.h software_prefetch(): on for Intel, off for
-    // AMD, whose hardware prefetchers stream float32 rows faster alone). Results do not depend on it.
+    // How the scans read memory (dispatch.h scan_plan(), chosen once per CPU); results do not depend on either.
+    // Software prefetch ahead of the x86 float32-row scans, and of the int8 ones (rows and packed tiles).
     bool prefetch_f32 = true;
+    bool prefetch_i8 = true;
+    // Side-by-side read streams (topk_kernel-inl.h for_rounds): of the int8-query scans (rows, packed tiles),
+    // 1..kMaxStreams, and of the float-query row scans, 1, 2, 4 or 8.
+    int streams = 1;
+    int row_streams = 1;
 };
 
 // Bounded top-k of (score, index): a binary heap whose top is the current worst entry (lowest score; among equal

@@ -350,11 +350,11 @@ static inline void select_block(const float* scores, std::int64_t base, int coun
         for (int t0 = 0; t0 < count; t0 += 16) {
             const __mmask16 live = static_cast<__mmask16>((allow_word >> t0) & 0xFFFFu) &
                                    static_cast<__mmask16>(count - t0 >= 16 ? 0xFFFFu : ((1u << (count - t0)) - 1));
-            __mmask16 m = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, scores + t0), thr, _CMP_GT_OQ);
+            __mmask16 m = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, scores + t0), thr, _CMP_GE_OQ);
             while (m) {
                 const int t = t0 + __builtin_ctz(m);
                 m &= m - 1;
-                if (scores[t] > h.threshold && !f.excluded(base + t)) h.push(scores[t], base + t);
+                if (scores[t] >= h.threshold && !f.excluded(base + t)) h.push(scores[t], base + t);
             }
         }
         return;
@@ -365,16 +365,16 @@ static inline void select_block(const float* scores, std::int64_t base, int coun
         int t0 = 0;
         for (; t0 + 8 <= count; t0 += 8) {
             unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(scores + t0), thr,
-                                                                                _CMP_GT_OQ))) &
+                                                                                _CMP_GE_OQ))) &
                          static_cast<unsigned>((allow_word >> t0) & 0xFFu);
             while (m) {
                 const int t = t0 + __builtin_ctz(m);
                 m &= m - 1;
-                if (scores[t] > h.threshold && !f.excluded(base + t)) h.push(scores[t], base + t);
+                if (scores[t] >= h.threshold && !f.excluded(base + t)) h.push(scores[t], base + t);
             }
         }
         for (int t = t0; t < count; ++t)
-            if (scores[t] > h.threshold && ((allow_word >> t) & 1ULL) && !f.excluded(base + t))
+            if (scores[t] >= h.threshold && ((allow_word >> t) & 1ULL) && !f.excluded(base + t))
                 h.push(scores[t], base + t);
         return;
     }
@@ -382,20 +382,20 @@ static inline void select_block(const float* scores, std::int64_t base, int coun
     if (h.size == h.k) {  // 4 scores per compare; a group with no candidate costs one compare and one max
         int t0 = 0;
         for (; t0 + 4 <= count; t0 += 4) {
-            if (vmaxvq_u32(vcgtq_f32(vld1q_f32(scores + t0), vdupq_n_f32(h.threshold))) == 0) continue;
+            if (vmaxvq_u32(vcgeq_f32(vld1q_f32(scores + t0), vdupq_n_f32(h.threshold))) == 0) continue;
             for (int t = t0; t < t0 + 4; ++t)
-                if (scores[t] > h.threshold && ((allow_word >> t) & 1ULL) && !f.excluded(base + t))
+                if (scores[t] >= h.threshold && ((allow_word >> t) & 1ULL) && !f.excluded(base + t))
                     h.push(scores[t], base + t);
         }
         for (int t = t0; t < count; ++t)
-            if (scores[t] > h.threshold && ((allow_word >> t) & 1ULL) && !f.excluded(base + t))
+            if (scores[t] >= h.threshold && ((allow_word >> t) & 1ULL) && !f.excluded(base + t))
                 h.push(scores[t], base + t);
         return;
     }
 #endif
     for (int t = 0; t < count; ++t) {
         const float s = scores[t];
-        if (!(s > h.threshold) && !(h.size < h.k && s == s)) continue;  // NaN and below-threshold leave here
+        if (!(s >= h.threshold) && !(h.size < h.k && s == s)) continue;  // NaN and below-threshold leave here
         if (!((allow_word >> t) & 1ULL)) continue;
         const std::int64_t idx = base + t;
         if (f.excluded(idx)) continue;
@@ -407,6 +407,46 @@ static inline std::uint64_t block_allow(const Filters& f, std::int64_t base, int
     std::uint64_t full = count == 64 ? ~0ULL : ((1ULL << count) - 1);
     if (!f.allow) return full;
     return f.allow_word(base, count) & full;
+}
+
+// ------------------------------------------------------------------------------------------------ streams
+// The scans of row-major items and of packed tiles can read [begin, end) as several side-by-side streams: the range
+// is cut into that many runs of whole blocks, and each round takes the next block of every run and interleaves their
+// steps (8 rows or one tile: 0.5-2 KB each), so that several sequential reads are in flight at once instead of one.
+// On Zen 3 that reads memory faster (a plain 256 MB sum: 18-20 GB/s as one stream, 21-22 as four interleaved 1 KB at
+// a time; the scans' figures and the choice per CPU: dispatch.h scan_plan). Each block's own rows or tiles are still
+// read in order: visiting a block's tiles in a rotated order per stream ran 2x slower. Results do not depend on the
+// streams: a block's scores are the same whenever it is scanned, and the heap keeps the k best under a total order
+// (score, then lower index) whatever the order of the pushes; select_block lets a score equal to a full heap's
+// threshold through to that order, since a later block may hold an earlier index.
+struct Round {
+    int live = 0;  // blocks in this round with at least one allowed item (at most kMaxStreams)
+    std::int64_t base[kMaxStreams];
+    int count[kMaxStreams];
+    std::uint64_t allow[kMaxStreams];
+};
+template <typename Fn>
+static inline void for_rounds(const ScanArgs& a, std::int64_t begin, std::int64_t end, int streams, Fn fn) {
+    streams = std::max(1, std::min(kMaxStreams, streams));
+    const std::int64_t blocks = (end - begin + BLOCK - 1) / BLOCK;
+    const std::int64_t per = (blocks + streams - 1) / streams;  // blocks per run; the last run may be shorter
+    Round r;
+    for (std::int64_t b = 0; b < per; ++b) {
+        r.live = 0;
+        for (int s = 0; s < streams; ++s) {
+            const std::int64_t bi = s * per + b;
+            if (bi >= blocks) break;
+            const std::int64_t base = begin + bi * BLOCK;
+            const int count = static_cast<int>(std::min<std::int64_t>(BLOCK, end - base));
+            const std::uint64_t allow = block_allow(a.filters, base, count);
+            if (!allow) continue;
+            r.base[r.live] = base;
+            r.count[r.live] = count;
+            r.allow[r.live] = allow;
+            ++r.live;
+        }
+        if (r.live) fn(r);
+    }
 }
 
 #if EDGEREC_I8I_BIASED
@@ -516,22 +556,28 @@ static void scan_i8i_avx2(const ScanArgs& a, std::int64_t begin, std::int64_t en
         sign_ok[q] = !holds_m128(q8 + q * d, d);
         for (int j = 0; j < d; ++j) qw[static_cast<std::size_t>(q) * d + j] = q8[q * d + j];
     }
-    alignas(32) float buf[BLOCK];
-    for (std::int64_t base = begin; base < end; base += BLOCK) {
-        const int count = static_cast<int>(std::min<std::int64_t>(BLOCK, end - base));
-        const std::uint64_t allow = block_allow(a.filters, base, count);
-        if (!allow) continue;
-        const std::int8_t* x0 = items + base * d;
+    alignas(32) float buf[kMaxStreams][BLOCK];
+    for_rounds(a, begin, end, a.streams, [&](const Round& r) {
         for (int q = 0; q < nq; ++q) {
-            if (sign_ok[q])
-                i8i_block_avx2<true>(q8 + q * d, nullptr, x0, count, d, a.query_scales[q], a.scales + base, buf,
-                                     q == 0);
-            else
-                i8i_block_avx2<false>(q8 + q * d, qw.data() + static_cast<std::size_t>(q) * d, x0, count, d,
-                                      a.query_scales[q], a.scales + base, buf, q == 0);
-            select_block(buf, base, count, allow, a.filters_of(q), heaps[q]);
+            const bool pf = q == 0 && a.prefetch_i8;
+            for (int t = 0; t < BLOCK; t += 8) {  // 8 rows of each block in turn
+                for (int s = 0; s < r.live; ++s) {
+                    if (t >= r.count[s]) continue;
+                    const std::int64_t row = r.base[s] + t;
+                    const int rows = std::min(8, r.count[s] - t);
+                    if (sign_ok[q])
+                        i8i_block_avx2<true>(q8 + q * d, nullptr, items + row * d, rows, d, a.query_scales[q],
+                                             a.scales + row, buf[s] + t, pf);
+                    else
+                        i8i_block_avx2<false>(q8 + q * d, qw.data() + static_cast<std::size_t>(q) * d,
+                                              items + row * d, rows, d, a.query_scales[q], a.scales + row,
+                                              buf[s] + t, pf);
+                }
+            }
+            for (int s = 0; s < r.live; ++s)
+                select_block(buf[s], r.base[s], r.count[s], r.allow[s], a.filters_of(q), heaps[q]);
         }
-    }
+    });
 }
 
 // One int8 query against one packed tile on AVX2 (see scan_packed). A tile group (4 dimensions of 16 rows, 64 bytes)
@@ -600,34 +646,58 @@ static inline __m256 load8x(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8x(const std::int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-// <q, x> over [dv, d) for 8 rows: one out-of-line function per item type, so the batched (widened) and the single
-// scan run the very same instructions here (GCC contracts a * b + c into an FMA per function as it sees fit).
-template <typename Item>
-__attribute__((noinline)) static void tail8(const float* q, const Item* xr, int d, int dv, float* rest) {
+// The 8 rows of a step: Strided (row r at x + r * stride: 8 consecutive rows) or Gathered (row r at p[r]: rows of
+// several streams). The same arithmetic either way, row by row.
+template <typename T>
+struct Strided {
+    const T* x;
+    std::int64_t stride;
+    const T* row(int r) const { return x + r * stride; }
+};
+template <typename T>
+struct Gathered {
+    const T* const* p;
+    const T* row(int r) const { return p[r]; }
+};
+
+// <q, x> over [dv, d) for 8 rows (row r at xr.row(r)): one out-of-line function per item type, so the batched (widened)
+// and the single scan run the very same instructions here (GCC contracts a * b + c into an FMA per function as it
+// sees fit).
+template <typename Rows>
+__attribute__((noinline)) static void tail8(const float* q, Rows xr, int d, int dv, float* rest) {
     for (int r = 0; r < 8; ++r) {
-        const Item* x = xr + static_cast<std::int64_t>(r) * d;
+        const auto* x = xr.row(r);
         float s = 0.0f;
         for (int j = dv; j < d; ++j) s += q[j] * static_cast<float>(x[j]);
         rest[r] = s;
     }
 }
 
-// Dots of 8 rows with query q into out[0..8): the main part [0, dv) from xr (Item: float32, or int8 widened on
-// load), the tail [dv, d) from xt (the rows as stored), then the scales. The FMA order every call uses.
-template <typename Item, typename Stored>
-static inline void dots8_f_avx2(const float* q, const Item* xr, const Stored* xt, int d, int dv, const float* scales,
+// Dots of 8 rows with query q into out[0..8): the main part [0, dv) from xr.row(r) (float32, or int8 widened on
+// load), the tail [dv, d) from xt.row(r) (the rows as stored), then the scales (scales[r], or none). The FMA order
+// every call uses.
+template <typename Rows, typename StoredRows>
+static inline void dots8_f_avx2(const float* q, Rows xr, StoredRows xt, int d, int dv, const float* scales,
                                 float* out) {
     alignas(32) float rest[8];
     __m256 acc[8];
+    const auto *x0 = xr.row(0), *x1 = xr.row(1), *x2 = xr.row(2), *x3 = xr.row(3), *x4 = xr.row(4),
+               *x5 = xr.row(5), *x6 = xr.row(6), *x7 = xr.row(7);  // 8 base registers and one index
     for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
     for (int j = 0; j < dv; j += 8) {
         const __m256 qv = _mm256_loadu_ps(q + j);
-        for (int r = 0; r < 8; ++r)
-            acc[r] = _mm256_fmadd_ps(qv, load8x(xr + static_cast<std::int64_t>(r) * d + j), acc[r]);
+        acc[0] = _mm256_fmadd_ps(qv, load8x(x0 + j), acc[0]);
+        acc[1] = _mm256_fmadd_ps(qv, load8x(x1 + j), acc[1]);
+        acc[2] = _mm256_fmadd_ps(qv, load8x(x2 + j), acc[2]);
+        acc[3] = _mm256_fmadd_ps(qv, load8x(x3 + j), acc[3]);
+        acc[4] = _mm256_fmadd_ps(qv, load8x(x4 + j), acc[4]);
+        acc[5] = _mm256_fmadd_ps(qv, load8x(x5 + j), acc[5]);
+        acc[6] = _mm256_fmadd_ps(qv, load8x(x6 + j), acc[6]);
+        acc[7] = _mm256_fmadd_ps(qv, load8x(x7 + j), acc[7]);
     }
     __m256 dots = hsum8(acc);
     if (dv < d) {
-        tail8<Stored>(q, xt, d, dv, rest);
+        tail8(q, xt, d, dv, rest);
         dots = _mm256_add_ps(dots, _mm256_load_ps(rest));
     }
     if (scales) dots = _mm256_mul_ps(dots, _mm256_loadu_ps(scales));
@@ -663,34 +733,34 @@ __attribute__((always_inline)) static inline __m256 hsum16x8(__m512 v0, __m512 v
     const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
     return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, t));
 }
-template <typename Item, typename Stored>
-__attribute__((always_inline)) static inline void dots8_f_avx512(const float* q, const Item* xr, const Stored* xt,
-                                                                 int d, const float* scales, float* out) {
+template <typename Rows, typename StoredRows>
+__attribute__((always_inline)) static inline void dots8_f_avx512(const float* q, Rows xr, StoredRows xt, int d,
+                                                                 const float* scales, float* out) {
     const int d16 = d / 16 * 16, d8 = d / 8 * 8;
-    const std::int64_t s = d;
+    const auto *x0 = xr.row(0), *x1 = xr.row(1), *x2 = xr.row(2), *x3 = xr.row(3), *x4 = xr.row(4),
+               *x5 = xr.row(5), *x6 = xr.row(6), *x7 = xr.row(7);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     for (int j = 0; j < d16; j += 16) {
         const __m512 qv = _mm512_loadu_ps(q + j);
-        const Item* x = xr + j;
-        a0 = _mm512_fmadd_ps(qv, load16x(x), a0);
-        a1 = _mm512_fmadd_ps(qv, load16x(x + s), a1);
-        a2 = _mm512_fmadd_ps(qv, load16x(x + 2 * s), a2);
-        a3 = _mm512_fmadd_ps(qv, load16x(x + 3 * s), a3);
-        a4 = _mm512_fmadd_ps(qv, load16x(x + 4 * s), a4);
-        a5 = _mm512_fmadd_ps(qv, load16x(x + 5 * s), a5);
-        a6 = _mm512_fmadd_ps(qv, load16x(x + 6 * s), a6);
-        a7 = _mm512_fmadd_ps(qv, load16x(x + 7 * s), a7);
+        a0 = _mm512_fmadd_ps(qv, load16x(x0 + j), a0);
+        a1 = _mm512_fmadd_ps(qv, load16x(x1 + j), a1);
+        a2 = _mm512_fmadd_ps(qv, load16x(x2 + j), a2);
+        a3 = _mm512_fmadd_ps(qv, load16x(x3 + j), a3);
+        a4 = _mm512_fmadd_ps(qv, load16x(x4 + j), a4);
+        a5 = _mm512_fmadd_ps(qv, load16x(x5 + j), a5);
+        a6 = _mm512_fmadd_ps(qv, load16x(x6 + j), a6);
+        a7 = _mm512_fmadd_ps(qv, load16x(x7 + j), a7);
     }
     __m256 dots = hsum16x8(a0, a1, a2, a3, a4, a5, a6, a7);
     if (d8 > d16) {   // 8 columns left: one 256-bit product per row, summed by the 8-row tree
         const __m256 qv = _mm256_loadu_ps(q + d16);
         __m256 more[8];
-        for (int r = 0; r < 8; ++r) more[r] = _mm256_mul_ps(qv, load8x(xr + r * s + d16));
+        for (int r = 0; r < 8; ++r) more[r] = _mm256_mul_ps(qv, load8x(xr.row(r) + d16));
         dots = _mm256_add_ps(dots, hsum8(more));
     }
     if (d8 < d) {
         alignas(32) float rest[8];
-        tail8<Stored>(q, xt, d, d8, rest);
+        tail8(q, xt, d, d8, rest);
         dots = _mm256_add_ps(dots, _mm256_load_ps(rest));
     }
     if (scales) dots = _mm256_mul_ps(dots, _mm256_loadu_ps(scales));
@@ -699,9 +769,9 @@ __attribute__((always_inline)) static inline void dots8_f_avx512(const float* q,
 #endif
 
 // The 8-row dots of this build: 512-bit with AVX-512, else 256-bit.
-template <typename Item, typename Stored>
-__attribute__((always_inline)) static inline void dots8_f(const float* q, const Item* xr, const Stored* xt, int d, int dv, const float* scales,
-                           float* out) {
+template <typename Rows, typename StoredRows>
+__attribute__((always_inline)) static inline void dots8_f(const float* q, Rows xr, StoredRows xt, int d, int dv,
+                                                          const float* scales, float* out) {
 #if defined(__AVX512F__) && EDGEREC_W == 16
     (void)dv;
     dots8_f_avx512(q, xr, xt, d, scales, out);
@@ -710,9 +780,14 @@ __attribute__((always_inline)) static inline void dots8_f(const float* q, const 
 #endif
 }
 
-// Several queries against int8 items: each 8-row step is widened to float once (exact: int8 -> float) into wide,
-// then every query runs the float kernel over it, so the products and their order are those of a single-query
-// call (the result of a query does not depend on the others) and the widening is paid once per row.
+// One float32 query or a few (nq < kBatchMin) against float32 or int8 items, 8 rows per step, the blocks read as
+// side-by-side streams (for_rounds). float32 rows: the 8 rows of a step come from a.row_streams blocks at once
+// (8 / row_streams consecutive rows of each): 8 consecutive rows read at a 256-byte stride the Zen 3 prefetchers
+// follow poorly (12 GB/s on 1M float32 rows of d = 64, against 18 read row by row and 24 with one row from each of 8
+// streams). int8 rows (a quarter of the bytes, more arithmetic per byte): 8 consecutive rows per step, the round's
+// a.streams blocks in turn. Several queries against int8 items: each step is widened to float once (exact: int8 ->
+// float) into wide, then every query runs the float kernel over it, so the products and their order are those of a
+// single-query call (the result of a query does not depend on the others) and the widening is paid once per row.
 template <typename Item>
 static void scan_f_avx2(const ScanArgs& a, std::int64_t begin, std::int64_t end, Heap* heaps) {
     const int d = a.d;
@@ -721,51 +796,111 @@ static void scan_f_avx2(const ScanArgs& a, std::int64_t begin, std::int64_t end,
     const Item* items = static_cast<const Item*>(a.items);
     constexpr bool kWiden = std::is_same<Item, std::int8_t>::value;
     const bool widen = kWiden && a.nq > 1;
+    int streams, rows_each;  // blocks per round; consecutive rows of one block in a step
+    if (kWiden) {
+        streams = std::max(1, std::min(kMaxStreams, a.streams));
+        rows_each = 8;
+    } else {
+        streams = a.row_streams == 2 || a.row_streams == 4 || a.row_streams == 8 ? a.row_streams : 1;
+        rows_each = 8 / streams;
+    }
+    const int per_step = 8 / rows_each;  // blocks one step reads
+    const int groups = (streams + per_step - 1) / per_step;
     // 64-byte aligned: the widened rows are stored and read again with 512-bit moves (a line-split store does not
     // forward to the loads that follow; measured 1.3x on the 12k-item batch)
     struct alignas(64) Line { float v[16]; };
-    std::vector<Line> wide(widen ? (static_cast<std::size_t>(8) * d + 15) / 16 : 0);
+    const std::int64_t row_floats = (static_cast<std::int64_t>(d) + 15) / 16 * 16;
+    std::vector<Line> wide(widen ? 8 * row_floats / 16 : 0);
+    float* wr[8];  // the step's rows widened to float, one 64-byte-aligned row each
+    for (int l = 0; l < 8; ++l) wr[l] = widen ? wide.data()->v + l * row_floats : nullptr;
     struct alignas(64) ScoreBlock { float v[BLOCK]; };   // select_block reads it with aligned loads
-    std::vector<ScoreBlock> bufs(a.nq);
-    for (std::int64_t base = begin; base < end; base += BLOCK) {
-        const int count = static_cast<int>(std::min<std::int64_t>(BLOCK, end - base));
-        const std::uint64_t allow = block_allow(a.filters, base, count);
-        if (!allow) continue;
-        const Item* x0 = items + base * d;
-        const float* sc = a.scales ? a.scales + base : nullptr;
-        int t = 0;
-        for (; t + 8 <= count; t += 8) {
-            const Item* xr = x0 + static_cast<std::int64_t>(t) * d;
-            // 2 steps ahead; float32 rows only where software_prefetch says so (int8 rows always: their widening
-            // leaves more time to hide)
-            if (kWiden || a.prefetch_f32) prefetch_lines(xr + 16 * d, 8 * d * sizeof(Item));
-            if (widen) {
-                float* w = wide.data()->v;
-                int e = 0;
-#if defined(__AVX512F__) && EDGEREC_W == 16
-                for (; e + 16 <= 8 * d; e += 16) _mm512_storeu_ps(w + e, load16x(xr + e));
-#endif
-                for (; e + 8 <= 8 * d; e += 8) _mm256_storeu_ps(w + e, load8x(xr + e));
-                for (; e < 8 * d; ++e) w[e] = static_cast<float>(xr[e]);
-                for (int qi = 0; qi < a.nq; ++qi)
-                    dots8_f(queries + static_cast<std::int64_t>(qi) * d, w, xr, d, dv, sc ? sc + t : nullptr,
-                                 bufs[qi].v + t);
-            } else {
-                for (int qi = 0; qi < a.nq; ++qi)
-                    dots8_f(queries + static_cast<std::int64_t>(qi) * d, xr, xr, d, dv, sc ? sc + t : nullptr,
-                                 bufs[qi].v + t);
-            }
-        }
-        for (int qi = 0; qi < a.nq; ++qi) {
-            float* buf = bufs[qi].v;
-            const float* q = queries + static_cast<std::int64_t>(qi) * d;
-            for (int r = t; r < count; ++r) {
-                const float s = dot_f(q, x0 + static_cast<std::int64_t>(r) * d, d);
-                buf[r] = sc ? s * sc[r] : s;
-            }
-            select_block(buf, base, count, allow, a.filters_of(qi), heaps[qi]);
-        }
+    std::vector<ScoreBlock> scores(static_cast<std::size_t>(a.nq) * kMaxStreams);  // [query][stream]
+    const bool pf = kWiden ? a.prefetch_i8 : a.prefetch_f32;
+    alignas(32) float out[8];
+    int lane_b[8], lane_o[8];  // lane l of a step: row t + lane_o[l] of the step's first block + lane_b[l]
+    for (int l = 0; l < 8; ++l) {
+        lane_b[l] = l / rows_each;
+        lane_o[l] = l % rows_each;
     }
+    for_rounds(a, begin, end, streams, [&](const Round& r) {
+        bool full = r.live == streams;
+        for (int s = 0; s < r.live; ++s) full = full && r.count[s] == BLOCK;
+        for (int t = 0; t < BLOCK; t += rows_each) {
+            for (int g = 0; g < groups; ++g) {
+                const int s0 = g * per_step;
+                if (s0 >= r.live) break;
+                if (full && per_step == 1) {  // 8 whole rows of one block: as one stream reads them
+                    const Item* x0 = items + (r.base[s0] + t) * d;
+                    if (pf) prefetch_lines(x0 + 16 * d, 8 * d * sizeof(Item));  // 2 steps ahead
+                    if (widen) {
+                        for (int l = 0; l < 8; ++l) {
+                            float* w = wr[l];
+                            const Item* x = x0 + l * d;
+                            int e = 0;
+#if defined(__AVX512F__) && EDGEREC_W == 16
+                            for (; e + 16 <= d; e += 16) _mm512_storeu_ps(w + e, load16x(x + e));
+#endif
+                            for (; e + 8 <= d; e += 8) _mm256_storeu_ps(w + e, load8x(x + e));
+                            for (; e < d; ++e) w[e] = static_cast<float>(x[e]);
+                        }
+                    }
+                    const Strided<Item> x{x0, d};
+                    const float* sc = a.scales ? a.scales + r.base[s0] + t : nullptr;
+                    for (int qi = 0; qi < a.nq; ++qi) {  // straight into the block's scores, scaled in dots8_f
+                        const float* q = queries + static_cast<std::int64_t>(qi) * d;
+                        float* o = scores[static_cast<std::size_t>(qi) * kMaxStreams + s0].v + t;
+                        if (widen) dots8_f(q, Strided<float>{wr[0], row_floats}, x, d, dv, sc, o);
+                        else dots8_f(q, x, x, d, dv, sc, o);
+                    }
+                    continue;
+                }
+                // lane l: row t + lane_o[l] of block s0 + lane_b[l]; outside a full round, a lane past its block's
+                // rows (or with no block) scores row 0 of block s0 again, and its score is dropped
+                const Item* xr[8];
+                int lane_s[8];
+                bool any = false;
+                for (int l = 0; l < 8; ++l) {
+                    const int bs = s0 + lane_b[l], row = t + lane_o[l];
+                    const bool real = full || (bs < r.live && row < r.count[bs]);
+                    xr[l] = items + (real ? r.base[bs] + row : r.base[s0]) * d;
+                    lane_s[l] = real ? bs : -1;
+                    any = any || real;
+                }
+                if (!any) continue;
+                if (pf)
+                    for (int l = 0; l < 8; l += rows_each)  // 2 steps ahead in each block
+                        if (lane_s[l] >= 0) prefetch_lines(xr[l] + 16 * d, rows_each * d * sizeof(Item));
+                if (widen) {
+                    for (int l = 0; l < 8; ++l) {
+                        float* w = wr[l];
+                        int e = 0;
+#if defined(__AVX512F__) && EDGEREC_W == 16
+                        for (; e + 16 <= d; e += 16) _mm512_storeu_ps(w + e, load16x(xr[l] + e));
+#endif
+                        for (; e + 8 <= d; e += 8) _mm256_storeu_ps(w + e, load8x(xr[l] + e));
+                        for (; e < d; ++e) w[e] = static_cast<float>(xr[l][e]);
+                    }
+                }
+                for (int qi = 0; qi < a.nq; ++qi) {
+                    const float* q = queries + static_cast<std::int64_t>(qi) * d;
+                    ScoreBlock* qs = scores.data() + static_cast<std::size_t>(qi) * kMaxStreams;
+                    const Gathered<Item> x{xr};
+                    if (widen) dots8_f(q, Gathered<float>{wr}, x, d, dv, nullptr, out);
+                    else dots8_f(q, x, x, d, dv, nullptr, out);
+                    for (int l = 0; l < 8; ++l) {  // the same one multiply by the scale as dots8_f's
+                        const int bs = lane_s[l];
+                        if (bs < 0) continue;
+                        const int row = t + lane_o[l];
+                        qs[bs].v[row] = a.scales ? out[l] * a.scales[r.base[bs] + row] : out[l];
+                    }
+                }
+            }
+        }
+        for (int s = 0; s < r.live; ++s)
+            for (int qi = 0; qi < a.nq; ++qi)
+                select_block(scores[static_cast<std::size_t>(qi) * kMaxStreams + s].v, r.base[s], r.count[s],
+                             r.allow[s], a.filters_of(qi), heaps[qi]);
+    });
 }
 #endif
 
@@ -917,29 +1052,31 @@ static void scan_packed(const ScanArgs& a, std::int64_t begin, std::int64_t end,
     const std::int8_t* q8 = static_cast<const std::int8_t*>(a.queries);
     std::vector<PackedQuery> pqs(a.nq);
     for (int q = 0; q < a.nq; ++q) pqs[q] = PackedQuery(q8 + static_cast<std::int64_t>(q) * d, d, a.query_scales[q]);
-    alignas(64) float buf[BLOCK];
+    alignas(64) float buf[kMaxStreams][BLOCK];
 #if EDGEREC_I8I_AVX2
     const std::int64_t ahead = std::max<std::int64_t>(1, kPrefetchAheadBytes / tile_bytes) * tile_bytes;
 #endif
-    for (std::int64_t base = begin; base < end; base += BLOCK) {
-        const int count = static_cast<int>(std::min<std::int64_t>(BLOCK, end - base));
-        const std::uint64_t allow = block_allow(a.filters, base, count);
-        if (!allow) continue;
+    for_rounds(a, begin, end, a.streams, [&](const Round& r) {
         for (int q = 0; q < a.nq; ++q) {
-            for (int g0 = 0; g0 < count; g0 += kTileRows) {
-                const std::uint8_t* tile = packed + ((base + g0) / kTileRows) * tile_bytes;
-                if (q == 0) {
+            for (int g0 = 0; g0 < BLOCK; g0 += kTileRows) {
+                for (int s = 0; s < r.live; ++s) {
+                    if (g0 >= r.count[s]) continue;
+                    const std::uint8_t* tile = packed + ((r.base[s] + g0) / kTileRows) * tile_bytes;
+                    if (q == 0 && a.prefetch_i8) {
 #if EDGEREC_I8I_AVX2
-                    prefetch_lines(tile + ahead, tile_bytes);  // a whole tile, every line, ~3 KB ahead
+                        prefetch_lines(tile + ahead, tile_bytes);  // a whole tile, every line, ~3 KB ahead
 #elif EDGEREC_I8I_BIASED
-                    _mm_prefetch(reinterpret_cast<const char*>(tile + 8 * tile_bytes), _MM_HINT_T0);
+                        _mm_prefetch(reinterpret_cast<const char*>(tile + 8 * tile_bytes), _MM_HINT_T0);
 #endif
+                    }
+                    packed_tile(tile, groups, pqs[q], a.scales + r.base[s] + g0,
+                                std::min(kTileRows, r.count[s] - g0), buf[s] + g0);
                 }
-                packed_tile(tile, groups, pqs[q], a.scales + base + g0, std::min(kTileRows, count - g0), buf + g0);
             }
-            select_block(buf, base, count, allow, a.filters_of(q), heaps[q]);
+            for (int s = 0; s < r.live; ++s)
+                select_block(buf[s], r.base[s], r.count[s], r.allow[s], a.filters_of(q), heaps[q]);
         }
-    }
+    });
 }
 
 // ------------------------------------------------------------------------------------------------ scans

@@ -109,6 +109,13 @@ static int check_encoder(const Impl& impl, const Impl& ref, std::mt19937& rng, i
     return failures;
 }
 
+// Scan plans to check besides the default one (ScanArgs: one stream, software prefetch on).
+struct Plan {
+    int streams, row_streams;
+    bool prefetch;
+};
+static const Plan kPlans[] = {{1, 1, false}, {4, 8, false}, {3, 2, true}, {8, 4, false}};
+
 static bool same(const std::vector<Heap>& x, const std::vector<Heap>& y) {
     for (size_t q = 0; q < x.size(); ++q) {
         if (x[q].size != y[q].size) return false;
@@ -157,6 +164,9 @@ int main() {
                     for (auto& v : qscales) v = scale(rng) / 64.0f;
                     std::vector<std::uint8_t> packed(((n + kTileRows - 1) / kTileRows) * packed_tile_bytes(d));
                     pack_i8_rows(x8.data(), n, d, packed.data());
+                    std::vector<std::uint8_t> allow((n + 7) / 8);  // blocks 1, 4, 7 ... none allowed
+                    for (std::size_t b = 0; b < allow.size(); ++b)
+                        allow[b] = (b / 8) % 3 == 1 ? 0 : static_cast<std::uint8_t>(0xB7 ^ b);
                     std::vector<std::int64_t> excl = {0, n / 2, n - 1};
                     std::sort(excl.begin(), excl.end());
                     excl.erase(std::unique(excl.begin(), excl.end()), excl.end());
@@ -178,14 +188,28 @@ int main() {
                             std::printf("MISMATCH level=%s mode=%d n=%lld d=%d nq=%d extreme=%d\n", level.c_str(), mode,
                                         n, d, nq, extreme);
                         }
-                        if (mode == 0) {   // the float32 scan without software prefetch (AMD's default): same bits
-                            ScanArgs off = a;
-                            off.prefetch_f32 = false;
-                            ++checks;
-                            if (!same(run(*impl, off, k), run(*ref, a, k))) {
-                                ++failures;
-                                std::printf("MISMATCH prefetch_f32=0 level=%s n=%lld d=%d nq=%d\n", level.c_str(), n,
-                                            d, nq);
+                        // The scan plans of other CPUs (dispatch.h scan_plan: streams side by side, software
+                        // prefetch on / off), without and with an allow bitset that zeroes whole blocks (rounds with
+                        // fewer blocks than streams): the scalar reference's bits.
+                        for (const Plan& p : kPlans) {
+                            if (extreme || !(n == 17 || n == 65 || n == 1000)) break;  // (the qemu runs' time)
+                            for (int filt = 0; filt < 2; ++filt) {
+                                ScanArgs v = a, r = a;
+                                v.streams = p.streams;
+                                v.row_streams = p.row_streams;
+                                v.prefetch_f32 = v.prefetch_i8 = p.prefetch;
+                                if (filt) {
+                                    v.filters.allow = r.filters.allow = allow.data();
+                                    v.filters.allow_bytes = static_cast<std::int64_t>(allow.size());
+                                    r.filters.allow_bytes = v.filters.allow_bytes;
+                                }
+                                ++checks;
+                                if (!same(run(*impl, v, k), run(*ref, r, k))) {
+                                    ++failures;
+                                    std::printf("MISMATCH plan streams=%d row_streams=%d prefetch=%d allow=%d level=%s "
+                                                "mode=%d n=%lld d=%d nq=%d\n", p.streams, p.row_streams, p.prefetch,
+                                                filt, level.c_str(), mode, n, d, nq);
+                                }
                             }
                         }
                     }
@@ -196,7 +220,7 @@ int main() {
         // per_query: a batch of real-valued float queries (sums not exact, so any change in the order of
         // additions shows) must give each query exactly what a scan of it alone gives, at this level.
         std::uniform_real_distribution<float> real(-1.0f, 1.0f);
-        for (long long n : {17LL, 1000LL}) {
+        for (long long n : {17LL, 1000LL, 2100LL}) {
             for (int d : {3, 64, 100}) {
                 for (int nq : {2, 5, 9, 33}) {
                     std::vector<float> xf(n * d), qf(nq * d), scales(n);
@@ -224,6 +248,20 @@ int main() {
                                 ++failures;
                                 std::printf("MISMATCH per_query level=%s mode=%d n=%lld d=%d nq=%d q=%d\n",
                                             level.c_str(), mode, n, d, nq, q);
+                            }
+                            for (const Plan& p : kPlans) {  // and with the other plans: still those bits
+                                if (nq > 9) break;
+                                ScanArgs v = one;
+                                v.streams = p.streams;
+                                v.row_streams = p.row_streams;
+                                v.prefetch_f32 = v.prefetch_i8 = p.prefetch;
+                                ++checks;
+                                if (!same(b1, run(*impl, v, k))) {
+                                    ++failures;
+                                    std::printf("MISMATCH per_query plan streams=%d row_streams=%d level=%s mode=%d "
+                                                "n=%lld d=%d nq=%d q=%d\n", p.streams, p.row_streams,
+                                                level.c_str(), mode, n, d, nq, q);
+                                }
                             }
                         }
                     }

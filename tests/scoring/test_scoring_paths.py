@@ -103,3 +103,71 @@ def test_a_fallback_says_why_and_the_daemon_warns(tiny_bundle, tmp_path):
     assert stop_daemon(proc) == 0
     warned = [line for line in (tmp_path / "d.log").read_text().splitlines() if "EDGEREC_NO_NATIVE=1" in line]
     assert len(warned) == 1 and "WARNING" in warned[0], warned
+
+
+_PLAN_PROBE = r"""
+import hashlib, json
+import numpy as np
+from edge_runtime import scoring
+from edge_runtime.scoring import _native
+rng = np.random.default_rng(7)
+h = hashlib.sha256()
+for n, d in ((5000, 64), (1999, 37), (130, 8)):
+    xf = rng.standard_normal((n, d), dtype=np.float32)
+    x8 = rng.integers(-128, 128, (n, d)).astype(np.int8)
+    scales = rng.uniform(0.01, 0.03, n).astype(np.float32)
+    packed = scoring.pack_int8(x8, scales)
+    mask = rng.random(n) < 0.7
+    mask[64:192] = False                           # two whole blocks: rounds with fewer blocks than streams
+    allow = scoring.pack_mask(mask)
+    excl = np.unique(rng.integers(0, n, 40))
+    for nq in (1, 3):
+        qf = rng.standard_normal((nq, d), dtype=np.float32)
+        q8 = rng.integers(-128, 128, (nq, d)).astype(np.int8)
+        qs = rng.uniform(0.01, 0.03, nq).astype(np.float32)
+        calls = [scoring.topk(qf, xf, 50, allow=allow, exclude=excl),
+                 scoring.topk(qf, x8, 50, item_scales=scales, exclude=excl),
+                 scoring.topk(q8, x8, 50, item_scales=scales, query_scales=qs, allow=allow),
+                 scoring.topk(q8, packed, 50, query_scales=qs, allow=allow, exclude=excl)]
+        for ids, sc in calls:
+            h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+            h.update(np.ascontiguousarray(sc, dtype=np.float32).tobytes())
+print(json.dumps({"plan": _native.scan_plan(), "digest": h.hexdigest()}))
+"""
+
+
+def test_every_scan_plan_gives_the_same_bits():
+    """The scan plan (software prefetch, blocks read side by side) changes how memory is read, never a result: real-
+    valued float32 and int8 scans with allow bitsets and exclusions return the same ids and score bits under each."""
+    if not levels():
+        pytest.skip("native kernel not built")
+    import json
+    plans = [{}, {"EDGEREC_SCAN_STREAMS": "1", "EDGEREC_PREFETCH": "1"},
+             {"EDGEREC_SCAN_STREAMS": "8", "EDGEREC_PREFETCH": "0"}, {"EDGEREC_SCAN_STREAMS": "3"}]
+    got = []
+    for extra in plans:
+        out = subprocess.run([sys.executable, "-c", _PLAN_PROBE], env=dict(os.environ, **extra), capture_output=True,
+                             text=True, timeout=300, cwd=PACKAGE_ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got.append(json.loads(out.stdout))
+    assert got[1]["plan"]["streams"] == 1 and got[1]["plan"]["prefetch_f32"] and got[1]["plan"]["prefetch_i8"]
+    assert got[2]["plan"]["streams"] == 8 and got[2]["plan"]["row_streams"] == 8
+    assert not got[2]["plan"]["prefetch_f32"] and "EDGEREC_SCAN_STREAMS=8" in got[2]["plan"]["why"]
+    assert got[3]["plan"]["streams"] == 3
+    assert len({g["digest"] for g in got}) == 1, [(p, g["digest"]) for p, g in zip(plans, got)]
+
+
+def test_an_invalid_scan_plan_setting_is_ignored():
+    if not levels():
+        pytest.skip("native kernel not built")
+    code = "from edge_runtime.scoring import _native as n; import json; print(json.dumps(n.scan_plan()))"
+    import json
+    default = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                        cwd=PACKAGE_ROOT, env={k: v for k, v in os.environ.items()
+                                                               if k not in ("EDGEREC_SCAN_STREAMS",
+                                                                            "EDGEREC_PREFETCH")}).stdout)
+    for streams, prefetch in (("0", "2"), ("9", "yes"), ("four", "-1"), ("-1", ""), ("", "01x")):
+        plan = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                         cwd=PACKAGE_ROOT, env=dict(os.environ, EDGEREC_SCAN_STREAMS=streams,
+                                                                    EDGEREC_PREFETCH=prefetch)).stdout)
+        assert plan == default, (streams, prefetch)
