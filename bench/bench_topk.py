@@ -320,7 +320,8 @@ def main(argv=None) -> int:
           f"{bw2:.1f} GB/s with 2 ({bw2 / bw:.2f}x: the most 2 threads can gain on a memory-bound scan); "
           f"scan plan: software prefetch {'on' if plan['prefetch_f32'] else 'off'} (float32) / "
           f"{'on' if plan['prefetch_i8'] else 'off'} (int8), {plan['streams']} streams side by side "
-          f"({plan['row_streams']} for float-query rows): {plan['why']}")
+          f"({plan['row_streams']} for float-query rows): {plan['why']}"
+          + (f"; note: {plan['note']}" if plan['note'] else ""))
     rows = []
     header = f"{'case':<46}{'edgerec ms':>11}{'numpy':>9}{'faiss':>9}{'usearch':>9}{'x faiss':>9}{'of BW':>7}"
     print(header)

@@ -115,6 +115,12 @@ def simd_note() -> str:
     return _native.simd_note() if _native is not None else ""
 
 
+def scan_plan_note() -> str:
+    """Which ``EDGEREC_PREFETCH`` / ``EDGEREC_SCAN_STREAMS`` settings the native kernel ignored, and why ('' if
+    none, or there is no native kernel); the plan itself: ``_native.scan_plan()``."""
+    return _native.scan_plan()["note"] if _native is not None else ""
+
+
 class PackedInt8:
     """int8 items in the native kernel's VNNI tile layout (16 rows interleaved by 4 bytes), for int8 queries.
 

@@ -592,10 +592,12 @@ PYBIND11_MODULE(_native, m) {
               out["streams"] = p.streams;
               out["row_streams"] = p.row_streams;
               out["why"] = p.why;
+              out["note"] = p.note;
               return out; },
           "How the scans read memory, chosen once per CPU: {prefetch_f32, prefetch_i8 (software prefetch of float32 "
-          "/ int8 items), streams (side-by-side read streams, 1-4), why}. EDGEREC_PREFETCH=0 / 1 and "
-          "EDGEREC_SCAN_STREAMS=1..4 force them.");
+          "/ int8 items), streams (side-by-side read streams of the int8-query scans, 1-8), row_streams (of the "
+          "float-query row scans: 1, 2, 4 or 8), why (the choice in words), note (ignored settings, '' if none)}. "
+          "EDGEREC_PREFETCH=0 / 1 and EDGEREC_SCAN_STREAMS=1..8 force them; results never depend on the plan.");
     m.def("simd_note", [] { std::string n; edgerec::active(&n); return n; },
           "Why an EDGEREC_SIMD request was not honoured ('' if it was, or none was made).");
     m.def("available_levels", &edgerec::available_levels, "Levels this build has and this CPU/OS supports.");

@@ -134,13 +134,18 @@ std::vector<std::string> available_levels() {
 }
 
 namespace {
-// The environment variable as an integer in [lo, hi], or -1 when unset, not an integer, or out of range.
-int env_int(const char* name, int lo, int hi) {
+// The environment variable as an integer in [lo, hi]; -1 when unset or empty, and -1 with a sentence added to
+// *note when set to anything else (not an integer, or out of range), so a mistyped setting is reported, not lost.
+int env_int(const char* name, int lo, int hi, std::string* note) {
     const char* v = std::getenv(name);
     if (!v || !*v) return -1;
     char* stop = nullptr;
     const long x = std::strtol(v, &stop, 10);
-    return (*stop == '\0' && x >= lo && x <= hi) ? static_cast<int>(x) : -1;
+    if (*stop == '\0' && x >= lo && x <= hi) return static_cast<int>(x);
+    if (!note->empty()) *note += "; ";
+    *note += std::string(name) + "='" + v + "' ignored (expected an integer " + std::to_string(lo) + ".." +
+             std::to_string(hi) + ")";
+    return -1;
 }
 }  // namespace
 
@@ -165,9 +170,15 @@ const ScanPlan& scan_plan() {
         p.streams = 1;
         p.why = "not an x86 CPU: no software prefetch, one stream";
 #endif
-        const int pf = env_int("EDGEREC_PREFETCH", 0, 1), st = env_int("EDGEREC_SCAN_STREAMS", 1, kMaxStreams);
+        const int pf = env_int("EDGEREC_PREFETCH", 0, 1, &p.note);
+        const int st = env_int("EDGEREC_SCAN_STREAMS", 1, kMaxStreams, &p.note);
         if (pf >= 0) { p.prefetch_f32 = p.prefetch_i8 = pf == 1; p.why += "; EDGEREC_PREFETCH=" + std::to_string(pf); }
-        if (st >= 0) { p.streams = p.row_streams = st; p.why += "; EDGEREC_SCAN_STREAMS=" + std::to_string(st); }
+        if (st >= 0) {
+            p.streams = st;
+            p.row_streams = st >= 8 ? 8 : st >= 4 ? 4 : st >= 2 ? 2 : 1;  // the row scans take 1, 2, 4 or 8
+            p.why += "; EDGEREC_SCAN_STREAMS=" + std::to_string(st);
+            if (p.row_streams != st) p.why += " (" + std::to_string(p.row_streams) + " for float-query rows)";
+        }
         return p;
     }();
     return plan;

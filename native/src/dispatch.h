@@ -38,13 +38,15 @@ const Impl* find_impl(const std::string& name);
 //    loses it (16-17), and prefetch instructions cost it (14-16).
 //  * AArch64: no software prefetch, one stream (not measured on hardware: qemu only).
 // EDGEREC_PREFETCH=0 / 1 forces both prefetch switches, EDGEREC_SCAN_STREAMS=1..8 the streams of both kinds of scan
-// (row streams: 1, 2, 4 or 8; another value reads as 1).
+// (row streams: 1, 2, 4 or 8, the largest of those not above the setting); any other value of either is ignored
+// and said in `note` (the daemon logs it at start, bench_topk prints it).
 struct ScanPlan {
     bool prefetch_f32 = false;
     bool prefetch_i8 = false;
     int streams = 1;
     int row_streams = 1;
-    std::string why;  // the choice in words
+    std::string why;   // the choice in words
+    std::string note;  // settings that were ignored, and why ('' if none)
     void apply(ScanArgs& a) const;
 };
 const ScanPlan& scan_plan();

@@ -153,11 +153,14 @@ def test_every_scan_plan_gives_the_same_bits():
     assert got[1]["plan"]["streams"] == 1 and got[1]["plan"]["prefetch_f32"] and got[1]["plan"]["prefetch_i8"]
     assert got[2]["plan"]["streams"] == 8 and got[2]["plan"]["row_streams"] == 8
     assert not got[2]["plan"]["prefetch_f32"] and "EDGEREC_SCAN_STREAMS=8" in got[2]["plan"]["why"]
-    assert got[3]["plan"]["streams"] == 3
+    assert got[3]["plan"]["streams"] == 3 and got[3]["plan"]["row_streams"] == 2, got[3]["plan"]
+    assert "(2 for float-query rows)" in got[3]["plan"]["why"] and got[3]["plan"]["note"] == ""
     assert len({g["digest"] for g in got}) == 1, [(p, g["digest"]) for p, g in zip(plans, got)]
 
 
-def test_an_invalid_scan_plan_setting_is_ignored():
+def test_an_invalid_scan_plan_setting_is_ignored_and_said():
+    """A mistyped EDGEREC_SCAN_STREAMS / EDGEREC_PREFETCH leaves the CPU's own plan in place and is named in the
+    plan's note (which the daemon logs at start); an empty one counts as unset."""
     if not levels():
         pytest.skip("native kernel not built")
     code = "from edge_runtime.scoring import _native as n; import json; print(json.dumps(n.scan_plan()))"
@@ -166,8 +169,13 @@ def test_an_invalid_scan_plan_setting_is_ignored():
                                         cwd=PACKAGE_ROOT, env={k: v for k, v in os.environ.items()
                                                                if k not in ("EDGEREC_SCAN_STREAMS",
                                                                             "EDGEREC_PREFETCH")}).stdout)
+    assert default["note"] == ""
     for streams, prefetch in (("0", "2"), ("9", "yes"), ("four", "-1"), ("-1", ""), ("", "01x")):
         plan = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                          cwd=PACKAGE_ROOT, env=dict(os.environ, EDGEREC_SCAN_STREAMS=streams,
                                                                     EDGEREC_PREFETCH=prefetch)).stdout)
-        assert plan == default, (streams, prefetch)
+        note = plan.pop("note")
+        assert plan == {k: v for k, v in default.items() if k != "note"}, (streams, prefetch)
+        for name, value, hi in (("EDGEREC_SCAN_STREAMS", streams, 8), ("EDGEREC_PREFETCH", prefetch, 1)):
+            said = f"{name}='{value}' ignored (expected an integer {1 if hi == 8 else 0}..{hi})"
+            assert (said in note) == (value != ""), (streams, prefetch, note)
