@@ -97,6 +97,26 @@ const Impl kImpls[] = {
     {"scalar", scalar::scan, scalar::stream_sum, always, scalar::encode},
 };
 
+// An environment variable's value as it goes into a note: printable ASCII kept, any other byte as \xNN, at most 64
+// bytes shown, so a note is always valid UTF-8 (pybind11 turns it into a Python str) and one line.
+std::string shown(const char* v) {
+    static const char hex[] = "0123456789abcdef";
+    std::string out;
+    std::size_t i = 0;
+    for (; v[i] && i < 64; ++i) {
+        const auto c = static_cast<unsigned char>(v[i]);
+        if (c >= 0x20 && c < 0x7f) {
+            out += static_cast<char>(c);
+        } else {
+            out += "\\x";
+            out += hex[c >> 4];
+            out += hex[c & 15];
+        }
+    }
+    if (v[i]) out += "...";
+    return out;
+}
+
 const Impl* choose(std::string* note) {
     const char* var = "EDGEREC_SIMD";
     const char* forced = std::getenv(var);
@@ -108,9 +128,9 @@ const Impl* choose(std::string* note) {
         for (const Impl& impl : kImpls)
             if (std::strcmp(impl.name, forced) == 0) {
                 if (impl.supported()) return &impl;
-                *note = std::string(var) + "=" + forced + " is not supported by this CPU/OS";
+                *note = std::string(var) + "=" + shown(forced) + " is not supported by this CPU/OS";
             }
-        if (note->empty()) *note = std::string(var) + "=" + forced + " is not a level of this build";
+        if (note->empty()) *note = std::string(var) + "=" + shown(forced) + " is not a level of this build";
     }
     for (const Impl& impl : kImpls)
         if (impl.supported()) return &impl;
@@ -143,7 +163,7 @@ int env_int(const char* name, int lo, int hi, std::string* note) {
     const long x = std::strtol(v, &stop, 10);
     if (*stop == '\0' && x >= lo && x <= hi) return static_cast<int>(x);
     if (!note->empty()) *note += "; ";
-    *note += std::string(name) + "='" + v + "' ignored (expected an integer " + std::to_string(lo) + ".." +
+    *note += std::string(name) + "='" + shown(v) + "' ignored (expected an integer " + std::to_string(lo) + ".." +
              std::to_string(hi) + ")";
     return -1;
 }

@@ -59,6 +59,22 @@ def test_unsupported_level_falls_back_with_a_note():
     assert level == levels()[0] and "sse9" in note
 
 
+def test_settings_that_are_not_utf8_are_reported_escaped():
+    """Environment values are bytes: one that is not UTF-8 (or holds a newline) is shown escaped in the notes, so
+    reading them (as the daemon does at start) never raises."""
+    if not levels():
+        pytest.skip("native kernel not built")
+    code = ("from edge_runtime.scoring import _native as n; import json; "
+            "print(json.dumps([n.simd_level(), n.simd_note(), n.scan_plan()]))")
+    import json
+    env = dict(os.environ, EDGEREC_SIMD="\udcffavx\n", EDGEREC_SCAN_STREAMS="\udcfe4", EDGEREC_PREFETCH="1" * 80)
+    level, simd, plan = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                                  text=True, check=True, cwd=PACKAGE_ROOT).stdout)
+    assert level == levels()[0] and simd == "EDGEREC_SIMD=\\xffavx\\x0a is not a level of this build"
+    assert "EDGEREC_SCAN_STREAMS='\\xfe4' ignored (expected an integer 1..8)" in plan["note"], plan
+    assert f"EDGEREC_PREFETCH='{'1' * 64}...' ignored (expected an integer 0..1)" in plan["note"], plan
+
+
 def test_old_environment_names_still_work_with_a_deprecation_line():
     if not levels():
         pytest.skip("native kernel not built")
