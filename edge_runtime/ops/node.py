@@ -333,8 +333,9 @@ def run_node(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
         note = scoring.simd_note()
         if note:
             log.warning("%s; using %s", note, scoring.simd_level())
-        if scoring.scan_plan_note():
-            log.warning("%s", scoring.scan_plan_note())
+        plan_note = scoring.scan_plan_note()
+        if plan_note:
+            log.warning("%s", plan_note)
         if scoring.FALLBACK_NOTE:
             log.warning("%s", scoring.FALLBACK_NOTE)
         if events is not None:

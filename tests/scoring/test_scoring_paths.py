@@ -192,6 +192,6 @@ def test_an_invalid_scan_plan_setting_is_ignored_and_said():
                                                                     EDGEREC_PREFETCH=prefetch)).stdout)
         note = plan.pop("note")
         assert plan == {k: v for k, v in default.items() if k != "note"}, (streams, prefetch)
-        for name, value, hi in (("EDGEREC_SCAN_STREAMS", streams, 8), ("EDGEREC_PREFETCH", prefetch, 1)):
-            said = f"{name}='{value}' ignored (expected an integer {1 if hi == 8 else 0}..{hi})"
+        for name, value, lo, hi in (("EDGEREC_SCAN_STREAMS", streams, 1, 8), ("EDGEREC_PREFETCH", prefetch, 0, 1)):
+            said = f"{name}='{value}' ignored (expected an integer {lo}..{hi})"
             assert (said in note) == (value != ""), (streams, prefetch, note)
